@@ -1,0 +1,124 @@
+"""FCOS config keys (``MODEL.FCOS.*``) and their build-time validation.
+
+The key names and defaults are the seed project's, so its YAML files keep working; the three flavour
+switches (``TOP_BLOCK_IN_FEATURE``, ``GRID_OFFSET``, ``INFERENCE_TOPK_FIRST``) are new and default to the
+seed/cvpods behaviour that its pretrained checkpoint was trained with.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Sequence
+
+from detectron2.config import CfgNode as CN
+from detectron2.layers import ShapeSpec
+
+HEAD_NORMS = ("GN", "BN", "SyncBN", "")
+IOU_LOSS_TYPES = ("iou", "linear_iou", "giou")
+TOP_BLOCK_IN_FEATURES = ("res5", "p5")
+
+
+class FCOSConfigError(ValueError):
+    """A ``MODEL.FCOS`` value that cannot build a working model; the message names the key."""
+
+
+def add_fcos_config(cfg: CN) -> None:
+    """Add the ``MODEL.FCOS`` keys (seed defaults) to a detectron2 config, in place."""
+    _C = cfg
+    _C.MODEL.FCOS = CN()
+    _C.MODEL.FCOS.NUM_CLASSES = 80
+    _C.MODEL.FCOS.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    _C.MODEL.FCOS.NUM_CONVS = 4
+    _C.MODEL.FCOS.FPN_STRIDES = [8, 16, 32, 64, 128]
+    _C.MODEL.FCOS.PRIOR_PROB = 0.01
+    _C.MODEL.FCOS.CENTERNESS_ON_REG = False
+    _C.MODEL.FCOS.NORM_REG_TARGETS = False
+    _C.MODEL.FCOS.HEAD_NORM = "GN"
+    _C.MODEL.FCOS.SCORE_THRESH_TEST = 0.05
+    _C.MODEL.FCOS.TOPK_CANDIDATES_TEST = 1000
+    _C.MODEL.FCOS.NMS_THRESH_TEST = 0.6
+    _C.MODEL.FCOS.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+    _C.MODEL.FCOS.FOCAL_LOSS_GAMMA = 2.0
+    _C.MODEL.FCOS.FOCAL_LOSS_ALPHA = 0.25
+    _C.MODEL.FCOS.IOU_LOSS_TYPE = "iou"
+    _C.MODEL.FCOS.CENTER_SAMPLING_RADIUS = 0.0
+    _C.MODEL.FCOS.OBJECT_SIZES_OF_INTEREST = [
+        [-1, 64],
+        [64, 128],
+        [128, 256],
+        [256, 512],
+        [512, float("inf")],
+    ]
+    # All-reduce the loss normalizers over processes (a no-op in one process).
+    _C.MODEL.FCOS.NORM_SYNC = False
+    # Flavour switches: seed/cvpods (default) vs. official FCOS (``p5``, ``0.5``, ``False``).
+    _C.MODEL.FCOS.TOP_BLOCK_IN_FEATURE = "res5"
+    _C.MODEL.FCOS.GRID_OFFSET = 0.0
+    _C.MODEL.FCOS.INFERENCE_TOPK_FIRST = True
+    # Bounds the (points x GT boxes) work of target assignment; results do not depend on it.
+    _C.MODEL.FCOS.ASSIGNMENT_CHUNK_ELEMENTS = 1 << 21
+
+
+def _fail(key: str, message: str) -> FCOSConfigError:
+    return FCOSConfigError(f"MODEL.FCOS.{key}: {message}")
+
+
+def validate_fcos_config(cfg: CN, backbone_shapes: Dict[str, ShapeSpec]) -> None:
+    """Reject settings that would otherwise surface as a shape error deep inside training.
+
+    Args:
+        cfg: the full config.
+        backbone_shapes: ``backbone.output_shape()``; used to check features and strides.
+    """
+    fc = cfg.MODEL.FCOS
+    in_features: Sequence[str] = fc.IN_FEATURES
+    if len(in_features) == 0:
+        raise _fail("IN_FEATURES", "is empty; list the FPN levels to predict on, e.g. [p3, p4, p5, p6, p7]")
+    missing = [f for f in in_features if f not in backbone_shapes]
+    if missing:
+        raise _fail(
+            "IN_FEATURES",
+            f"{missing} not produced by the backbone {cfg.MODEL.BACKBONE.NAME} "
+            f"(it produces {sorted(backbone_shapes)})",
+        )
+    strides = [backbone_shapes[f].stride for f in in_features]
+    if list(fc.FPN_STRIDES) != strides:
+        raise _fail(
+            "FPN_STRIDES",
+            f"{list(fc.FPN_STRIDES)} does not match the backbone strides {strides} of IN_FEATURES {list(in_features)}",
+        )
+    channels = {backbone_shapes[f].channels for f in in_features}
+    if len(channels) != 1:
+        raise _fail("IN_FEATURES", f"levels {list(in_features)} have different channel counts {sorted(channels)}")
+    sizes = fc.OBJECT_SIZES_OF_INTEREST
+    if len(sizes) != len(in_features):
+        raise _fail(
+            "OBJECT_SIZES_OF_INTEREST",
+            f"has {len(sizes)} rows but IN_FEATURES has {len(in_features)} levels; give one [lo, hi] row per level",
+        )
+    for i, row in enumerate(sizes):
+        if len(row) != 2 or not (row[0] < row[1]):
+            raise _fail("OBJECT_SIZES_OF_INTEREST", f"row {i} = {list(row)} must be [lo, hi] with lo < hi")
+    if fc.HEAD_NORM not in HEAD_NORMS:
+        raise _fail("HEAD_NORM", f"unknown norm {fc.HEAD_NORM!r}; choose one of {list(HEAD_NORMS)}")
+    if fc.IOU_LOSS_TYPE not in IOU_LOSS_TYPES:
+        raise _fail("IOU_LOSS_TYPE", f"unknown loss {fc.IOU_LOSS_TYPE!r}; choose one of {list(IOU_LOSS_TYPES)}")
+    if fc.TOP_BLOCK_IN_FEATURE not in TOP_BLOCK_IN_FEATURES:
+        raise _fail(
+            "TOP_BLOCK_IN_FEATURE",
+            f"{fc.TOP_BLOCK_IN_FEATURE!r}; choose 'res5' (seed/cvpods) or 'p5' (official FCOS)",
+        )
+    if fc.NUM_CLASSES < 1:
+        raise _fail("NUM_CLASSES", f"{fc.NUM_CLASSES} must be >= 1 (FCOS has no background class)")
+    if fc.NUM_CONVS < 0:
+        raise _fail("NUM_CONVS", f"{fc.NUM_CONVS} must be >= 0")
+    if not 0.0 < fc.PRIOR_PROB < 1.0:
+        raise _fail("PRIOR_PROB", f"{fc.PRIOR_PROB} must be in (0, 1)")
+    if not 0.0 <= fc.GRID_OFFSET < 1.0:
+        raise _fail("GRID_OFFSET", f"{fc.GRID_OFFSET} must be a fraction of the stride in [0, 1)")
+    if fc.CENTER_SAMPLING_RADIUS < 0:
+        raise _fail("CENTER_SAMPLING_RADIUS", f"{fc.CENTER_SAMPLING_RADIUS} must be >= 0 (0 disables it)")
+    weights = list(fc.BBOX_REG_WEIGHTS)
+    if len(weights) != 4 or any(not math.isfinite(w) or w <= 0 for w in weights):
+        raise _fail("BBOX_REG_WEIGHTS", f"{weights} must be four positive numbers")
+    if fc.ASSIGNMENT_CHUNK_ELEMENTS < 1:
+        raise _fail("ASSIGNMENT_CHUNK_ELEMENTS", f"{fc.ASSIGNMENT_CHUNK_ELEMENTS} must be >= 1")

@@ -1,0 +1,103 @@
+"""The FCOS head: two conv towers shared across pyramid levels, plus class, box and centerness outputs.
+
+Module names are part of the checkpoint contract (see FCOS_SPEC.md): ``cls_subnet``/``bbox_subnet`` are
+single ``nn.Sequential``s of [conv, norm, ReLU] so that convs sit at indices 0, 3, 6, 9 as in the seed,
+cvpods and (after renaming) official FCOS checkpoints.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.layers import NaiveSyncBatchNorm, ShapeSpec
+from torch import Tensor, nn
+
+
+class Scale(nn.Module):
+    """A learnable scalar per level; stored as a 1-element tensor (key ``scales.{l}.scale``)."""
+
+    def __init__(self, init_value: float = 1.0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([init_value], dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+def _norm_layer(norm: str, channels: int) -> nn.Module:
+    """GN/BN/SyncBN/none for the towers.
+
+    "SyncBN" uses detectron2's NaiveSyncBatchNorm: it syncs statistics across processes with any
+    torch.distributed backend (gloo on CPU included) and is plain BN in a single process.
+    """
+    if norm == "GN":
+        return nn.GroupNorm(32, channels)
+    if norm == "BN":
+        return nn.BatchNorm2d(channels)
+    if norm == "SyncBN":
+        return NaiveSyncBatchNorm(channels)
+    if norm == "":
+        return nn.Identity()
+    raise ValueError(f"MODEL.FCOS.HEAD_NORM: unknown norm {norm!r}; choose one of 'GN', 'BN', 'SyncBN', ''")
+
+
+def _tower(num_convs: int, channels: int, norm: str) -> nn.Sequential:
+    layers: List[nn.Module] = []
+    for _ in range(num_convs):
+        layers += [nn.Conv2d(channels, channels, 3, 1, 1), _norm_layer(norm, channels), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class FCOSHead(nn.Module):
+    """Per level: class logits (N, K, H, W), box distances (N, 4, H, W) in input pixels, centerness logits."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[ShapeSpec],
+        *,
+        num_classes: int,
+        num_convs: int,
+        prior_prob: float,
+        fpn_strides: Sequence[int],
+        norm: str,
+        centerness_on_reg: bool,
+        norm_reg_targets: bool,
+    ) -> None:
+        super().__init__()
+        channels = input_shape[0].channels
+        self.fpn_strides = list(fpn_strides)
+        self.centerness_on_reg = centerness_on_reg
+        self.norm_reg_targets = norm_reg_targets
+
+        self.cls_subnet = _tower(num_convs, channels, norm)
+        self.bbox_subnet = _tower(num_convs, channels, norm)
+        self.cls_score = nn.Conv2d(channels, num_classes, 3, 1, 1)
+        self.bbox_pred = nn.Conv2d(channels, 4, 3, 1, 1)
+        self.centerness = nn.Conv2d(channels, 1, 3, 1, 1)
+        self.scales = nn.ModuleList([Scale(1.0) for _ in self.fpn_strides])
+
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, mean=0.0, std=0.01)
+                nn.init.constant_(module.bias, 0.0)
+            elif isinstance(module, (nn.GroupNorm, nn.BatchNorm2d)):
+                nn.init.constant_(module.weight, 1.0)
+                nn.init.constant_(module.bias, 0.0)
+        # Start every class near probability PRIOR_PROB so the focal loss is stable at iteration 0.
+        nn.init.constant_(self.cls_score.bias, -math.log((1.0 - prior_prob) / prior_prob))
+
+    def forward(self, features: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+        logits, box_reg, centerness = [], [], []
+        for level, feature in enumerate(features):
+            cls_feat = self.cls_subnet(feature)
+            box_feat = self.bbox_subnet(feature)
+            logits.append(self.cls_score(cls_feat))
+            centerness.append(self.centerness(box_feat if self.centerness_on_reg else cls_feat))
+            reg = self.scales[level](self.bbox_pred(box_feat))
+            if self.norm_reg_targets:
+                box_reg.append(F.relu(reg) * self.fpn_strides[level])
+            else:
+                box_reg.append(torch.exp(reg))
+        return logits, box_reg, centerness

@@ -1,0 +1,167 @@
+"""The FCOS meta-architecture, registered as ``MODEL.META_ARCHITECTURE: "FCOS"``.
+
+Built on detectron2's ``DenseDetector`` (pre-processing, backbone -> head plumbing, post-processing to
+the requested output size); this class adds FCOS's grid points, target assignment, losses and decoding.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from detectron2.config import CfgNode, configurable
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.structures import ImageList, Instances
+from torch import Tensor
+
+from .config import validate_fcos_config
+from .head import FCOSHead
+from .inference import decode_single_image
+from .losses import fcos_losses
+from .targets import FCOSTargetAssigner, grid_points
+
+
+@META_ARCH_REGISTRY.register()
+class FCOS(DenseDetector):
+    """FCOS: Fully Convolutional One-Stage Object Detection (Tian et al., 2019)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        head: FCOSHead,
+        head_in_features: Sequence[str],
+        num_classes: int,
+        fpn_strides: Sequence[int],
+        grid_offset: float,
+        assigner: FCOSTargetAssigner,
+        box_reg_weights: Sequence[float],
+        focal_loss_alpha: float,
+        focal_loss_gamma: float,
+        iou_loss_type: str,
+        norm_sync: bool,
+        score_thresh_test: float,
+        topk_candidates_test: int,
+        inference_topk_first: bool,
+        nms_thresh_test: float,
+        max_detections_per_image: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+    ) -> None:
+        super().__init__(backbone, head, list(head_in_features), pixel_mean=pixel_mean, pixel_std=pixel_std)
+        self.num_classes = num_classes
+        self.fpn_strides = list(fpn_strides)
+        self.grid_offset = grid_offset
+        self.assigner = assigner
+        self.box_reg_weights = tuple(box_reg_weights)
+        self.focal_loss_alpha = focal_loss_alpha
+        self.focal_loss_gamma = focal_loss_gamma
+        self.iou_loss_type = iou_loss_type
+        self.norm_sync = norm_sync
+        self.score_thresh_test = score_thresh_test
+        self.topk_candidates_test = topk_candidates_test
+        self.inference_topk_first = inference_topk_first
+        self.nms_thresh_test = nms_thresh_test
+        self.max_detections_per_image = max_detections_per_image
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> Dict:
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        validate_fcos_config(cfg, shapes)
+        fc = cfg.MODEL.FCOS
+        head = FCOSHead(
+            [shapes[f] for f in fc.IN_FEATURES],
+            num_classes=fc.NUM_CLASSES,
+            num_convs=fc.NUM_CONVS,
+            prior_prob=fc.PRIOR_PROB,
+            fpn_strides=fc.FPN_STRIDES,
+            norm=fc.HEAD_NORM,
+            centerness_on_reg=fc.CENTERNESS_ON_REG,
+            norm_reg_targets=fc.NORM_REG_TARGETS,
+        )
+        assigner = FCOSTargetAssigner(
+            num_classes=fc.NUM_CLASSES,
+            strides=fc.FPN_STRIDES,
+            sizes_of_interest=fc.OBJECT_SIZES_OF_INTEREST,
+            center_sampling_radius=fc.CENTER_SAMPLING_RADIUS,
+            chunk_elements=fc.ASSIGNMENT_CHUNK_ELEMENTS,
+        )
+        return {
+            "backbone": backbone,
+            "head": head,
+            "head_in_features": fc.IN_FEATURES,
+            "num_classes": fc.NUM_CLASSES,
+            "fpn_strides": fc.FPN_STRIDES,
+            "grid_offset": fc.GRID_OFFSET,
+            "assigner": assigner,
+            "box_reg_weights": fc.BBOX_REG_WEIGHTS,
+            "focal_loss_alpha": fc.FOCAL_LOSS_ALPHA,
+            "focal_loss_gamma": fc.FOCAL_LOSS_GAMMA,
+            "iou_loss_type": fc.IOU_LOSS_TYPE,
+            "norm_sync": fc.NORM_SYNC,
+            "score_thresh_test": fc.SCORE_THRESH_TEST,
+            "topk_candidates_test": fc.TOPK_CANDIDATES_TEST,
+            "inference_topk_first": fc.INFERENCE_TOPK_FIRST,
+            "nms_thresh_test": fc.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    def _points(self, features: Sequence[Tensor]) -> List[Tensor]:
+        return grid_points([f.shape[-2:] for f in features], self.fpn_strides, self.grid_offset, features[0].device)
+
+    def _flat_predictions(self, predictions: Tuple[List[Tensor], List[Tensor], List[Tensor]]) -> List[List[Tensor]]:
+        """Per level (N, H*W, K), (N, H*W, 4), (N, H*W, 1): the order targets are built in."""
+        return self._transpose_dense_predictions(list(predictions), [self.num_classes, 4, 1])
+
+    def forward_training(
+        self,
+        images: ImageList,
+        features: List[Tensor],
+        predictions: Tuple[List[Tensor], List[Tensor], List[Tensor]],
+        gt_instances: List[Instances],
+    ) -> Dict[str, Tensor]:
+        logits, deltas, centerness = (torch.cat(p, dim=1) for p in self._flat_predictions(predictions))
+        targets = self.assigner(self._points(features), gt_instances)
+        gt_deltas = targets.deltas * targets.deltas.new_tensor(self.box_reg_weights)
+        return fcos_losses(
+            pred_logits=logits.reshape(-1, self.num_classes),
+            pred_deltas=deltas.reshape(-1, 4),
+            pred_centerness=centerness.reshape(-1),
+            gt_classes=targets.classes.reshape(-1),
+            gt_deltas=gt_deltas.reshape(-1, 4),
+            gt_centerness=targets.centerness.reshape(-1),
+            num_classes=self.num_classes,
+            focal_alpha=self.focal_loss_alpha,
+            focal_gamma=self.focal_loss_gamma,
+            iou_loss_type=self.iou_loss_type,
+            norm_sync=self.norm_sync,
+        )
+
+    def forward_inference(
+        self,
+        images: ImageList,
+        features: List[Tensor],
+        predictions: Tuple[List[Tensor], List[Tensor], List[Tensor]],
+    ) -> List[Instances]:
+        points = self._points(features)
+        logits, deltas, centerness = self._flat_predictions(predictions)
+        return [
+            decode_single_image(
+                [x[i] for x in logits],
+                [x[i] for x in deltas],
+                [x[i].reshape(-1) for x in centerness],
+                points,
+                tuple(image_size),
+                score_thresh=self.score_thresh_test,
+                topk=self.topk_candidates_test,
+                topk_first=self.inference_topk_first,
+                nms_thresh=self.nms_thresh_test,
+                max_detections=self.max_detections_per_image,
+                box_weights=self.box_reg_weights,
+            )
+            for i, image_size in enumerate(images.image_sizes)
+        ]
