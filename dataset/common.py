@@ -1,0 +1,117 @@
+"""Plumbing shared by the dataset command-line tools (``voc2coco``, ``check``).
+
+Both tools promise the same things to the user: a problem with the input is reported as one line naming
+the file and the field (never a traceback), an output file is either complete or absent, long loops show
+progress, and the run ends with a small summary table. Keeping those pieces here gives both tools the
+same behaviour instead of two copies that drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
+
+from PIL import ExifTags, Image
+
+T = TypeVar("T")
+
+# What PIL raises for a missing, truncated, corrupt or absurdly large image file.
+IMAGE_ERRORS: tuple[type[Exception], ...] = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+# EXIF orientations 5-8 swap width and height (transpose and the 90°/270° rotations).
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+class DatasetError(Exception):
+    """Input problem that ends a run; ``str(error)`` is the message for the user, one line per problem."""
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see either the old file or the complete new one.
+
+    The text goes to a temporary file in the same directory (so the final rename stays on one file
+    system) and replaces the target with ``os.replace``; an interrupted run leaves no half-written file.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        # mkstemp creates the file private (0600); give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Serialise ``obj`` as JSON and write it with :func:`write_text_atomic`."""
+    write_text_atomic(path, json.dumps(obj))
+
+
+def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
+    """Iterate over ``items`` while showing progress on stderr.
+
+    tqdm is used when installed (it comes with fvcore); otherwise a plain counter is drawn. Either way
+    nothing is drawn when stderr is not a terminal, so logs and test output stay clean.
+    """
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        yield from _plain_progress(items, total, desc)
+        return
+    yield from tqdm(items, total=total, desc=desc, disable=None, file=sys.stderr)
+
+
+def _plain_progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
+    """Counter-style fallback for :func:`progress`: about a hundred updates over the whole run."""
+    shown = sys.stderr.isatty()
+    step = max(1, total // 100)
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        if shown and (done % step == 0 or done == total):
+            sys.stderr.write(f"\r{desc}: {done}/{total}")
+            sys.stderr.flush()
+    if shown:
+        sys.stderr.write("\n")
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Render ``rows`` as a plain-text table: first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        parts = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
+
+
+def image_size(path: str | os.PathLike[str], decode: bool = False) -> tuple[int, int]:
+    """Return ``(width, height)`` of an image as detectron2 will see it.
+
+    detectron2's ``read_image`` applies the EXIF orientation, so a photo stored 640x480 with a
+    "rotate 90°" tag is used as 480x640; COCO sizes must match that or training stops with a size
+    mismatch. Without ``decode`` only the header is read (fast); with it every pixel is decoded, which
+    also finds truncated files. Raises one of ``IMAGE_ERRORS`` when the file is missing or not a
+    readable image.
+    """
+    with Image.open(path) as image:
+        if decode:
+            image.load()
+        width, height = image.size
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
+
