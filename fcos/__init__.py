@@ -1,10 +1,12 @@
 """FCOS as a detectron2 project: importing this package registers the meta-architecture and backbone."""
 from .backbone import build_fcos_resnet_fpn_backbone
+from .checkpoint import FCOSCheckpointer
 from .config import FCOSConfigError, add_fcos_config, validate_fcos_config
 from .meta_arch import FCOS
 
 __all__ = [
     "FCOS",
+    "FCOSCheckpointer",
     "FCOSConfigError",
     "add_fcos_config",
     "build_fcos_resnet_fpn_backbone",
