@@ -4,8 +4,8 @@ Why this exists: detectron2 is not on PyPI under its own name. ``pb1-detectron2=
 official v0.6 Python code but no C++ sources, and that code predates torch 2.x, Pillow 10,
 setuptools 81 and numpy 1.24/2. This script downloads that sdist, checks its hash, applies a list of
 small (old, new) text replacements, writes a pure-Python ``detectron2/_C.py`` compatibility module
-in place of the missing compiled extension, and pip-installs the result. The facts behind every
-replacement are in ../shared/INSTALL_NOTES.md.
+in place of the missing compiled extension, and pip-installs the result. A comment above each
+replacement says which library change made it necessary.
 
 Every replacement asserts that its old text occurs exactly the expected number of times and all of
 them are checked before any file is written, so a different sdist fails loudly and untouched.
