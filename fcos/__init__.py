@@ -3,11 +3,13 @@ from .backbone import build_fcos_resnet_fpn_backbone
 from .checkpoint import FCOSCheckpointer
 from .config import FCOSConfigError, add_fcos_config, validate_fcos_config
 from .meta_arch import FCOS
+from .tta import FCOSWithTTA
 
 __all__ = [
     "FCOS",
     "FCOSCheckpointer",
     "FCOSConfigError",
+    "FCOSWithTTA",
     "add_fcos_config",
     "build_fcos_resnet_fpn_backbone",
     "validate_fcos_config",

@@ -1,0 +1,225 @@
+"""Export a trained FCOS to ONNX or TorchScript.
+
+    python -m fcos.export --config-file output/shapes/config.yaml --format onnx \
+        --output export/fcos.onnx --opts MODEL.WEIGHTS output/shapes/model_final.pth
+
+writes ``export/fcos.onnx`` and ``export/fcos.onnx.json``. The graph takes one float32 batch
+(N, 3, H, W) of raw pixel values in ``INPUT.FORMAT`` channel order (H and W: any multiple of the
+backbone's size divisibility, 32 for FPN), normalises it, runs backbone, FPN and head, and returns the head
+maps of every level: ``logits_<level>`` (N, K, H/s, W/s), ``box_reg_<level>`` (N, 4, H/s, W/s) distances in
+input pixels, ``centerness_<level>`` (N, 1, H/s, W/s). Turning them into boxes (threshold, top-k, NMS,
+rescaling) is ``fcos.export_postprocess`` (numpy + Pillow only; its docstring says why decoding stays
+out of the graph); the JSON holds the settings it needs.
+
+GroupNorm (the head's default norm, and the backbone's in the embedded config) exports through the
+TorchScript-based ONNX exporter as InstanceNormalization plus a per-channel affine, which every
+onnxruntime version runs; opset 17 is the default. That exporter needs no extra package (the newer
+``dynamo`` exporter needs ``onnxscript``) and keeps height and width dynamic. After writing, the export is
+run once on an image of another size than the traced one and compared with the eager model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from detectron2.config import CfgNode
+from torch import Tensor, nn
+
+from .export_postprocess import METADATA_FORMAT, METADATA_VERSION, metadata_path
+from .meta_arch import FCOS
+
+logger = logging.getLogger("fcos.export")
+
+FORMATS = ("onnx", "torchscript")
+DEFAULT_OPSET = 17
+# Tolerance of the post-export check on raw head maps: |export - eager| <= ATOL + RTOL * |eager|.
+CHECK_ATOL = 1e-3
+CHECK_RTOL = 1e-4
+
+
+class FCOSExportModule(nn.Module):
+    """Normalisation + backbone + head of an ``FCOS``, returning the raw maps of each level (no decoding)."""
+
+    def __init__(self, model: FCOS) -> None:
+        super().__init__()
+        self.backbone = model.backbone
+        self.head = model.head
+        self.in_features = list(model.head_in_features)
+        self.register_buffer("pixel_mean", model.pixel_mean.detach().clone(), persistent=False)
+        self.register_buffer("pixel_std", model.pixel_std.detach().clone(), persistent=False)
+
+    def output_names(self) -> List[str]:
+        """Graph output names, three per level in level order (the order ``decode`` expects)."""
+        return [f"{kind}_{level}" for level in self.in_features for kind in ("logits", "box_reg", "centerness")]
+
+    def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
+        features = self.backbone((image - self.pixel_mean) / self.pixel_std)
+        logits, box_reg, centerness = self.head([features[name] for name in self.in_features])
+        return tuple(t for level in zip(logits, box_reg, centerness) for t in level)
+
+
+def export_metadata(cfg: CfgNode, module: FCOSExportModule, class_names: Optional[Sequence[str]]) -> Dict:
+    """Everything ``fcos.export_postprocess`` needs besides the graph, as a JSON-ready dict."""
+    fc = cfg.MODEL.FCOS
+    return {
+        "format": METADATA_FORMAT,
+        "version": METADATA_VERSION,
+        "input_name": "image",
+        "input_format": cfg.INPUT.FORMAT,
+        "pixel_mean": [float(v) for v in module.pixel_mean.flatten()],
+        "size_divisibility": int(module.backbone.size_divisibility),
+        "min_size_test": int(cfg.INPUT.MIN_SIZE_TEST),
+        "max_size_test": int(cfg.INPUT.MAX_SIZE_TEST),
+        "output_names": module.output_names(),
+        "levels": list(module.in_features),
+        "strides": [int(s) for s in fc.FPN_STRIDES],
+        "grid_offset": float(fc.GRID_OFFSET),
+        "num_classes": int(fc.NUM_CLASSES),
+        "class_names": list(class_names) if class_names is not None else None,
+        "score_thresh_test": float(fc.SCORE_THRESH_TEST),
+        "topk_candidates_test": int(fc.TOPK_CANDIDATES_TEST),
+        "inference_topk_first": bool(fc.INFERENCE_TOPK_FIRST),
+        "nms_thresh_test": float(fc.NMS_THRESH_TEST),
+        "detections_per_image": int(cfg.TEST.DETECTIONS_PER_IMAGE),
+        "box_reg_weights": [float(w) for w in fc.BBOX_REG_WEIGHTS],
+    }
+
+
+def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Let ``write`` fill a temporary file beside ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def example_input(size_divisibility: int, height: int, width: int) -> Tensor:
+    """A (1, 3, H, W) pixel batch, H and W rounded up to the size divisibility; fixed seed."""
+    divisor = max(1, size_divisibility)
+    height, width = -(-height // divisor) * divisor, -(-width // divisor) * divisor
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand((1, 3, height, width), generator=generator) * 255.0
+
+
+def export_onnx(module: FCOSExportModule, example: Tensor, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    """Trace ``module`` on ``example`` into an ONNX file with dynamic batch, height and width."""
+    import onnx
+
+    names = module.output_names()
+    dynamic = {"image": {0: "batch", 2: "height", 3: "width"}}
+    dynamic.update({name: {0: "batch", 2: f"height_{name}", 3: f"width_{name}"} for name in names})
+
+    def write(tmp: str) -> None:
+        torch.onnx.export(
+            module, (example,), tmp, dynamo=False, opset_version=opset, input_names=["image"],
+            output_names=names, dynamic_axes=dynamic, do_constant_folding=True,
+        )
+        onnx.checker.check_model(tmp)
+
+    with torch.no_grad():
+        _write_atomic(path, write)
+
+
+def export_torchscript(module: FCOSExportModule, example: Tensor, path: Path) -> None:
+    """Trace ``module`` into a TorchScript file (shape-generic: the net has no size-dependent branches)."""
+    with torch.no_grad():
+        traced = torch.jit.trace(module, (example,))
+    _write_atomic(path, lambda tmp: torch.jit.save(traced, tmp))
+
+
+def run_exported(fmt: str, path: Path, image: Tensor) -> List[np.ndarray]:
+    """Run an exported file on a (N, 3, H, W) batch: onnxruntime for ONNX, torch.jit for TorchScript."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {"image": image.numpy()})
+    loaded = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return [t.numpy() for t in loaded(image)]
+
+
+def check_export(fmt: str, path: Path, module: FCOSExportModule, image: Tensor) -> float:
+    """Run the export and the eager module on ``image``; return the largest difference, raise if too large."""
+    with torch.no_grad():
+        expected = [t.numpy() for t in module(image)]
+    actual = run_exported(fmt, path, image)
+    worst = 0.0
+    for name, a, e in zip(module.output_names(), actual, expected):
+        if a.shape != e.shape:
+            raise RuntimeError(f"{path}: output {name} has shape {a.shape}, the eager model gives {e.shape}")
+        worst = max(worst, float(np.abs(a - e).max(initial=0.0)))
+        if not np.allclose(a, e, atol=CHECK_ATOL, rtol=CHECK_RTOL):
+            raise RuntimeError(
+                f"{path}: output {name} differs from the eager model by up to {np.abs(a - e).max():.3g}"
+            )
+    return worst
+
+
+def export_model(
+    cfg: CfgNode,
+    model: FCOS,
+    fmt: str,
+    output: Path,
+    class_names: Optional[Sequence[str]] = None,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Export a CPU ``model`` to ``output`` (+ metadata JSON), check it on a second input size.
+
+    Returns the metadata JSON's path.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"--format: {fmt!r}; choose one of {list(FORMATS)}")
+    module = FCOSExportModule(model).eval()
+    divisor = module.backbone.size_divisibility
+    trace_input = example_input(divisor, 256, 320)
+    if fmt == "onnx":
+        export_onnx(module, trace_input, output, opset)
+    else:
+        export_torchscript(module, trace_input, output)
+    worst = check_export(fmt, output, module, example_input(divisor, 192, 128))
+    logger.info(f"{output}: matches the eager model on a 192x128 input (max |difference| {worst:.2e})")
+    meta_file = metadata_path(output)
+    text = json.dumps(export_metadata(cfg, module, class_names), indent=2) + "\n"
+    _write_atomic(meta_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return meta_file
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI: build the config's model with its weights and export it."""
+    from .predictor import InferenceSetupError, build_inference_model, class_names, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m fcos.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="the model's config (e.g. OUTPUT_DIR/config.yaml)")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--output", required=True, type=Path, help="model file to write; metadata goes to OUTPUT.json")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
+    parser.add_argument("--ann_file", help="COCO JSON whose 'categories' name the classes (custom datasets)")
+    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        # Traced on the CPU: the graph holds no device-specific tensors, and the runtimes load it anywhere.
+        cfg = load_config(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu"])
+        model = build_inference_model(cfg)
+        names = class_names(cfg, args.ann_file)
+    except (InferenceSetupError, OSError) as err:
+        parser.exit(2, f"fcos.export: error: {err}\n")
+    meta_file = export_model(cfg, model, args.format, args.output, names, args.opset)
+    print(f"wrote {args.output} and {meta_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Build a trained FCOS for inference and run it on single images (used by the demo and the exporter).
+
+Like detectron2's ``DefaultPredictor``, but: the weights go through ``FCOSCheckpointer`` (the project's
+checkpoint loader), a missing weights file is one clear error instead of an assertion deep inside fvcore,
+a CUDA ``MODEL.DEVICE`` on a machine without CUDA falls back to the CPU (as in ``train_net.py``), and
+``TEST.AUG.ENABLED`` switches on FCOS test-time augmentation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.structures import Instances
+from torch import nn
+
+from dataset import shapes
+
+from .checkpoint import FCOSCheckpointer
+from .tta import FCOSWithTTA
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_HELP = "pretrained_weights/README.md"
+
+
+class InferenceSetupError(ValueError):
+    """The config cannot give a usable inference model; the message names the key and the fix."""
+
+
+def load_config(config_file: str, opts: Sequence[str]) -> CfgNode:
+    """The project's full config schema, merged with ``config_file`` and ``KEY VALUE`` overrides, frozen.
+
+    The schema comes from ``training.config`` (model keys plus the training keys a saved
+    ``OUTPUT_DIR/config.yaml`` contains); imported here, not at module level, because ``training``
+    itself imports this package.
+    """
+    from training.config import get_fcos_cfg
+
+    if not os.path.isfile(config_file):
+        raise InferenceSetupError(f"--config-file: {config_file} does not exist")
+    if len(opts) % 2:
+        raise InferenceSetupError(f"--opts: needs KEY VALUE pairs, got an odd number of items {list(opts)}")
+    cfg = get_fcos_cfg()
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        # detectron2's default device is "cuda"; like train_net.py, run on the CPU rather than fail.
+        logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available: using the CPU")
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def _coco_category_names(ann_file: str) -> List[str]:
+    """Names of a COCO file's categories in id order (detectron2's contiguous class order)."""
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            categories = json.load(f)["categories"]
+        return [str(c["name"]) for c in sorted(categories, key=lambda c: c["id"])]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InferenceSetupError(f"{ann_file}: cannot read the COCO 'categories' list ({err})") from err
+
+
+def class_names(cfg: CfgNode, ann_file: Optional[str] = None) -> Optional[List[str]]:
+    """The model's class names, or None when nothing says them.
+
+    From, in order: a COCO annotation file (custom datasets, which are registered only while training);
+    the embedded shapes dataset when the config uses it; the metadata of the config's datasets
+    (detectron2 registers COCO's names at import). A count that disagrees with ``MODEL.FCOS.NUM_CLASSES``
+    is an error: boxes would be labelled with the wrong names.
+    """
+    num_classes = cfg.MODEL.FCOS.NUM_CLASSES
+    names: Optional[List[str]] = None
+    source = ""
+    if ann_file:
+        names, source = _coco_category_names(ann_file), ann_file
+    else:
+        shapes_names = {f"shapes_{split}" for split in shapes.SPLITS}
+        for dataset in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
+            if dataset in shapes_names:
+                names = list(shapes.CLASS_NAMES)
+            elif dataset in MetadataCatalog.list():
+                names = MetadataCatalog.get(dataset).get("thing_classes")
+            if names is not None:
+                names, source = list(names), f"dataset {dataset!r}"
+                break
+    if names is not None and len(names) != num_classes:
+        raise InferenceSetupError(
+            f"{source} has {len(names)} classes but MODEL.FCOS.NUM_CLASSES is {num_classes}; "
+            "give the annotation file the model was trained on (--ann_file)"
+        )
+    return names
+
+
+def _is_local_path(path: str) -> bool:
+    return "://" not in path
+
+
+def check_weights(cfg: CfgNode) -> None:
+    """``MODEL.WEIGHTS`` must name an existing file: inference with random weights is never what is meant."""
+    weights = cfg.MODEL.WEIGHTS
+    if not weights:
+        raise InferenceSetupError(
+            "MODEL.WEIGHTS is empty: give the trained model, e.g. --opts MODEL.WEIGHTS output/<run>/model_final.pth "
+            f"(pretrained files: see {WEIGHTS_HELP})"
+        )
+    if _is_local_path(weights) and not os.path.isfile(weights):
+        raise InferenceSetupError(
+            f"MODEL.WEIGHTS: {weights} does not exist. Put the checkpoint there or pass another path with "
+            f"--opts MODEL.WEIGHTS <file>; {WEIGHTS_HELP} lists the pretrained files, where to download them "
+            "and which config goes with each (a model you trained yourself is OUTPUT_DIR/model_final.pth)"
+        )
+
+
+def build_inference_model(cfg: CfgNode) -> nn.Module:
+    """The config's model with ``MODEL.WEIGHTS`` loaded, in eval mode (no TTA wrapper)."""
+    check_weights(cfg)
+    model = build_model(cfg)
+    FCOSCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    return model.eval()
+
+
+class FCOSPredictor:
+    """One image (HxWxC uint8 in ``INPUT.FORMAT`` channel order) in, ``Instances`` in its pixels out.
+
+    Resizes as the test loader does (``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST``), or, with
+    ``TEST.AUG.ENABLED``, lets ``FCOSWithTTA`` run its scales and flips on the original image.
+    """
+
+    def __init__(self, cfg: CfgNode) -> None:
+        self.cfg = cfg.clone()
+        self.model = build_inference_model(self.cfg)
+        self.tta = FCOSWithTTA(self.cfg, self.model) if self.cfg.TEST.AUG.ENABLED else None
+        self.resize = T.ResizeShortestEdge(
+            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+        )
+        self.input_format = cfg.INPUT.FORMAT
+
+    def model_input(self, image: np.ndarray) -> Dict[str, Any]:
+        """The detectron2 input dict for ``image``: resized CHW tensor plus the original size.
+
+        The tensor stays uint8, as the test loader gives it: TTA's resizing then takes the same
+        (Pillow) path as the loader's, and the model converts to float when it normalises.
+        """
+        height, width = image.shape[:2]
+        resized = image if self.tta is not None else self.resize.get_transform(image).apply_image(image)
+        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        return {"image": tensor, "height": height, "width": width}
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray) -> Instances:
+        inputs = [self.model_input(image)]
+        outputs = self.tta(inputs) if self.tta is not None else self.model(inputs)
+        return outputs[0]["instances"]
