@@ -1,0 +1,100 @@
+"""Reading untrusted checkpoint files without running code from them.
+
+A pickle can name any importable callable and have the unpickler call it; a downloaded ``.pkl``/``.pth``
+is therefore executable. ``.pth`` files go through ``torch.load(weights_only=True)``; ``.pkl`` files
+(detectron2/Caffe2 ImageNet backbones: dicts of numpy arrays) through an unpickler that only admits
+numpy arrays and plain containers/scalars. Anything else is refused unless the caller opts in with
+``allow_unsafe`` (``MODEL.FCOS.ALLOW_UNSAFE_PICKLE`` / ``--allow-unsafe-pickle``).
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from typing import Any, FrozenSet, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+OPT_IN_HINT = (
+    "if you trust this file, set MODEL.FCOS.ALLOW_UNSAFE_PICKLE True "
+    "(or pass --allow-unsafe-pickle to python -m fcos.convert)"
+)
+
+# (module, name) pairs a numpy-array pickle needs, in both numpy 1 ("numpy.core") and numpy 2
+# ("numpy._core") spelling, plus Python 2's "__builtin__" (Caffe2-era files) for the plain containers.
+_ALLOWED_GLOBALS: FrozenSet[Tuple[str, str]] = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("__builtin__", "set"),
+        ("__builtin__", "frozenset"),
+    }
+)
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file asks to import something other than arrays and plain containers."""
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the globals numpy arrays and plain containers are made of."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(f"{module}.{name}")
+
+
+def load_pickle(path: str, *, allow_unsafe: bool = False) -> Any:
+    """Unpickle a ``.pkl`` checkpoint (Python 2 pickles included: ``encoding="latin1"``).
+
+    Raises:
+        UnsafeCheckpointError: the pickle names a global outside the allow-list and ``allow_unsafe`` is off.
+    """
+    with open(path, "rb") as f:
+        if allow_unsafe:
+            logger.warning(f"{path}: unpickling with no restrictions (ALLOW_UNSAFE_PICKLE is on)")
+            return pickle.load(f, encoding="latin1")
+        try:
+            return _ArraysOnlyUnpickler(f, encoding="latin1").load()
+        except UnsafeCheckpointError as e:
+            raise UnsafeCheckpointError(
+                f"{path}: refused to unpickle {e}: only numpy arrays and plain containers are allowed in a "
+                f"checkpoint, because unpickling anything else can run code; {OPT_IN_HINT}"
+            ) from None
+
+
+def _weights_only_reason(error: pickle.UnpicklingError) -> str:
+    """The one informative paragraph of torch's multi-paragraph weights-only error."""
+    paragraphs = [p.strip() for p in str(error).split("\n\n") if p.strip()]
+    for paragraph in paragraphs:
+        if "GLOBAL" in paragraph or "Unsupported" in paragraph:
+            return paragraph
+    return paragraphs[-1] if paragraphs else type(error).__name__
+
+
+def load_torch(path: str, *, allow_unsafe: bool = False) -> Any:
+    """``torch.load`` on CPU with ``weights_only=True``; a refusal names the offending global.
+
+    Raises:
+        UnsafeCheckpointError: the file holds objects ``weights_only`` refuses and ``allow_unsafe`` is off.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not allow_unsafe:
+            raise UnsafeCheckpointError(
+                f"{path}: refused by torch.load(weights_only=True): {_weights_only_reason(e)} "
+                f"A checkpoint should hold only tensors and plain containers; {OPT_IN_HINT}"
+            ) from None
+    logger.warning(f"{path}: loading with torch.load(weights_only=False) (ALLOW_UNSAFE_PICKLE is on)")
+    return torch.load(path, map_location="cpu", weights_only=False)
