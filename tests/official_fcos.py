@@ -145,13 +145,15 @@ def official_detections(
     max_detections: int = 100,
     bn_eps: float = 0.0,
     grid_offset_half: bool = True,
+    rank_by_centerness: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(boxes, scores, classes 0-based) of the official FCOS_imprv test path for one CHW BGR image.
 
     Preprocessing as maskrcnn-benchmark (subtract the pixel mean, std 1, zero-pad to a multiple of 32);
     decoding as FCOSPostProcessor with centerness on the regression branch and NORM_REG_TARGETS; then
     class-aware NMS and the top ``max_detections``, boxes clipped to the image (FCOS_SPEC.md "Decoding").
-    ``bn_eps`` / ``grid_offset_half`` exist so a test can show that the comparison is sensitive to them.
+    ``bn_eps`` / ``grid_offset_half`` / ``rank_by_centerness`` exist so that a test can show that the
+    comparison is sensitive to each official convention.
     """
     sd = {k[len("module.") :]: v for k, v in sd.items()}
     _, h, w = image.shape
@@ -175,12 +177,12 @@ def official_detections(
         locations = torch.stack((xs.reshape(-1), ys.reshape(-1)), dim=1).float() + offset
 
         candidates = probs > score_thresh
-        weighted = probs * ctr[:, None]
         point, cls = candidates.nonzero(as_tuple=True)
-        score = weighted[point, cls]
+        score = probs[point, cls] * ctr[point]
         if len(score) > pre_nms_top_n:
-            score, keep = score.topk(pre_nms_top_n)
-            point, cls = point[keep], cls[keep]
+            ranking = score if rank_by_centerness else probs[point, cls]
+            keep = ranking.topk(pre_nms_top_n).indices
+            score, point, cls = score[keep], point[keep], cls[keep]
         loc, d = locations[point], reg[point]
         boxes_all.append(torch.stack((loc[:, 0] - d[:, 0], loc[:, 1] - d[:, 1], loc[:, 0] + d[:, 2], loc[:, 1] + d[:, 3]), 1))
         scores_all.append(torch.sqrt(score))
