@@ -336,7 +336,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.video_input and os.path.splitext(args.output)[1].lower() not in VIDEO_CODECS:
         parser.error(f"--output {args.output}: the video file name must end in one of {sorted(VIDEO_CODECS)}")
     try:
-        cfg = load_config(args.config_file, args.opts)
+        cfg = load_config(args.config_file, args.opts, args.ann_file)
         names = class_names(cfg, args.ann_file)
         if args.input:
             inputs = expand_inputs(args.input)

@@ -211,7 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         # Traced on the CPU: the graph holds no device-specific tensors, and the runtimes load it anywhere.
-        cfg = load_config(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu"])
+        cfg = load_config(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu"], args.ann_file)
         model = build_inference_model(cfg)
         names = class_names(cfg, args.ann_file)
     except (InferenceSetupError, OSError) as err:

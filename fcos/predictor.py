@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,14 +35,16 @@ class InferenceSetupError(ValueError):
     """The config cannot give a usable inference model; the message names the key and the fix."""
 
 
-def load_config(config_file: str, opts: Sequence[str]) -> CfgNode:
+def load_config(config_file: str, opts: Sequence[str], ann_file: Optional[str] = None) -> CfgNode:
     """The project's full config schema, merged with ``config_file`` and ``KEY VALUE`` overrides, frozen.
 
-    The schema comes from ``training.config`` (model keys plus the training keys a saved
-    ``OUTPUT_DIR/config.yaml`` contains); imported here, not at module level, because ``training``
-    itself imports this package.
+    As in ``train_net.py``: ``MODEL.FCOS.NUM_CLASSES`` follows the classes of the config's datasets (or
+    of ``ann_file``) unless the config file or ``opts`` set it, so the config a model was trained with
+    also builds it for inference; and a CUDA ``MODEL.DEVICE`` without CUDA falls back to the CPU.
+    ``training`` is imported here, not at module level, because it imports this package.
     """
     from training.config import get_fcos_cfg
+    from training.datasets import num_classes_set_explicitly
 
     if not os.path.isfile(config_file):
         raise InferenceSetupError(f"--config-file: {config_file} does not exist")
@@ -51,8 +53,12 @@ def load_config(config_file: str, opts: Sequence[str]) -> CfgNode:
     cfg = get_fcos_cfg()
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    names, source = _find_class_names(cfg, ann_file)
+    if names is not None and not num_classes_set_explicitly(cfg, opts):
+        if cfg.MODEL.FCOS.NUM_CLASSES != len(names):
+            logger.info(f"MODEL.FCOS.NUM_CLASSES = {len(names)}, from the categories of {source}")
+        cfg.MODEL.FCOS.NUM_CLASSES = len(names)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        # detectron2's default device is "cuda"; like train_net.py, run on the CPU rather than fail.
         logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available: using the CPU")
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
@@ -69,29 +75,31 @@ def _coco_category_names(ann_file: str) -> List[str]:
         raise InferenceSetupError(f"{ann_file}: cannot read the COCO 'categories' list ({err})") from err
 
 
-def class_names(cfg: CfgNode, ann_file: Optional[str] = None) -> Optional[List[str]]:
-    """The model's class names, or None when nothing says them.
-
-    From, in order: a COCO annotation file (custom datasets, which are registered only while training);
-    the embedded shapes dataset when the config uses it; the metadata of the config's datasets
-    (detectron2 registers COCO's names at import). A count that disagrees with ``MODEL.FCOS.NUM_CLASSES``
-    is an error: boxes would be labelled with the wrong names.
-    """
-    num_classes = cfg.MODEL.FCOS.NUM_CLASSES
-    names: Optional[List[str]] = None
-    source = ""
+def _find_class_names(cfg: CfgNode, ann_file: Optional[str]) -> Tuple[Optional[List[str]], str]:
+    """Class names and where they came from: ``ann_file`` (custom datasets, which are registered only
+    while training), the embedded shapes dataset (known without generating it), or the metadata of the
+    config's datasets (detectron2 registers COCO's names at import)."""
     if ann_file:
-        names, source = _coco_category_names(ann_file), ann_file
-    else:
-        shapes_names = {f"shapes_{split}" for split in shapes.SPLITS}
-        for dataset in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
-            if dataset in shapes_names:
-                names = list(shapes.CLASS_NAMES)
-            elif dataset in MetadataCatalog.list():
-                names = MetadataCatalog.get(dataset).get("thing_classes")
-            if names is not None:
-                names, source = list(names), f"dataset {dataset!r}"
-                break
+        return _coco_category_names(ann_file), ann_file
+    shapes_names = {f"shapes_{split}" for split in shapes.SPLITS}
+    for dataset in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
+        names = None
+        if dataset in shapes_names:
+            names = shapes.CLASS_NAMES
+        elif dataset in MetadataCatalog.list():
+            names = MetadataCatalog.get(dataset).get("thing_classes")
+        if names is not None:
+            return list(names), f"dataset {dataset!r}"
+    return None, ""
+
+
+def class_names(cfg: CfgNode, ann_file: Optional[str] = None) -> Optional[List[str]]:
+    """The model's class names (see ``_find_class_names``), or None when nothing says them.
+
+    A count that disagrees with ``MODEL.FCOS.NUM_CLASSES`` is an error: boxes would get wrong names.
+    """
+    names, source = _find_class_names(cfg, ann_file)
+    num_classes = cfg.MODEL.FCOS.NUM_CLASSES
     if names is not None and len(names) != num_classes:
         raise InferenceSetupError(
             f"{source} has {len(names)} classes but MODEL.FCOS.NUM_CLASSES is {num_classes}; "
