@@ -313,22 +313,26 @@ def test_torchvision_resnet50_gives_the_same_features(tmp_path: Path, caplog: py
             assert torch.allclose(ours[stage], theirs, rtol=1e-4, atol=1e-4), stage
 
 
+_CAFFE2_BN = {"weight": "s", "bias": "b", "running_mean": "rm", "running_var": "riv"}
+
+
 def _caffe2_name(d2_key: str) -> str:
     """detectron2 ResNet key -> MSRA/Caffe2 blob name (the inverse of detectron2's renaming), by hand."""
     key = d2_key[len("backbone.bottom_up.") :]
-    leaf = {"weight": "w", "bias": "b"}
     if key == "stem.conv1.weight":
         return "conv1_w"
     if key.startswith("stem.conv1.norm."):
-        return "res_conv1_bn_" + {"weight": "s", "bias": "b"}[key.rsplit(".", 1)[1]]
+        return "res_conv1_bn_" + _CAFFE2_BN[key.rsplit(".", 1)[1]]
     stage, block, conv, *rest = key.split(".")
     branch = {"conv1": "branch2a", "conv2": "branch2b", "conv3": "branch2c", "shortcut": "branch1"}[conv]
     if rest[0] == "norm":
-        return f"{stage}_{block}_{branch}_bn_" + {"weight": "s", "bias": "b"}[rest[1]]
-    return f"{stage}_{block}_{branch}_{leaf[rest[0]]}"
+        return f"{stage}_{block}_{branch}_bn_{_CAFFE2_BN[rest[1]]}"
+    return f"{stage}_{block}_{branch}_w"
 
 
-def test_caffe2_imagenet_pkl_through_detectron2_renaming(tmp_path: Path) -> None:
+@pytest.mark.parametrize("container", ["blobs_dict", "detectron2_zoo_dict"])
+def test_caffe2_imagenet_pkl_through_detectron2_renaming(tmp_path: Path, container: str) -> None:
+    """MSRA R-50.pkl style: Caffe2 blob names (``_bn_s/_b/_rm/_riv``), classifier and momenta included."""
     cfg = small_cfg()
     cfg.MODEL.RESNETS.NORM = "FrozenBN"
     model = _build(cfg)
@@ -336,26 +340,44 @@ def test_caffe2_imagenet_pkl_through_detectron2_renaming(tmp_path: Path) -> None
     blobs = {}
     expected = {}
     for key, value in model.state_dict().items():
-        if key.startswith("backbone.bottom_up.") and not key.endswith(("running_mean", "running_var")):
-            array = torch.randn(value.shape, generator=g).numpy()
+        if key.startswith("backbone.bottom_up."):
+            array = (torch.rand(value.shape, generator=g) + 0.5).numpy()
             blobs[_caffe2_name(key)] = array
             expected[key] = torch.from_numpy(array)
     blobs["pred_w"] = np.zeros((1000, 512), dtype=np.float32)
     blobs["pred_b"] = np.zeros(1000, dtype=np.float32)
     blobs["conv1_w_momentum"] = np.zeros_like(blobs["conv1_w"])
+    payload = blobs if container == "blobs_dict" else {"model": blobs, "__author__": "Caffe2", "matching_heuristics": True}
     path = tmp_path / "R-18.pkl"
     with open(path, "wb") as f:
-        pickle.dump(blobs, f, protocol=2)
+        pickle.dump(payload, f, protocol=2)
 
     converted = read_checkpoint(str(path))
     assert converted.layout is Layout.CAFFE2
     assert sorted(converted.dropped) == ["conv1_w_momentum", "linear.bias", "linear.weight"]
+    assert converted.extras == {}
     FCOSCheckpointer(model).load(str(path))
     state = model.state_dict()
     for key, value in expected.items():
         assert torch.equal(state[key], value), key
-    # Caffe2 blobs have no running statistics: detectron2's FrozenBN fills in the identity.
-    assert torch.equal(state["backbone.bottom_up.res3.0.conv1.norm.running_var"], torch.ones(128))
+
+
+def test_bare_detectron2_resnet_pkl_gets_backbone_prefix(tmp_path: Path) -> None:
+    """detectron2's convert-torchvision-to-d2.py output: ResNet names without ``backbone.bottom_up.``."""
+    model = _build(small_cfg())
+    state = _randomized_state(model, seed=10)
+    prefix = "backbone.bottom_up."
+    bare = {k[len(prefix) :]: v.numpy() for k, v in state.items() if k.startswith(prefix)}
+    path = tmp_path / "r18-from-torchvision.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": bare, "__author__": "torchvision", "matching_heuristics": True}, f)
+
+    assert read_checkpoint(str(path)).layout is Layout.DETECTRON2_RESNET
+    FCOSCheckpointer(model).load(str(path))
+    current = model.state_dict()
+    for key, value in state.items():
+        if key.startswith(prefix):
+            assert torch.equal(current[key], value), key
 
 
 # ---------------------------------------------------------------- untrusted files
