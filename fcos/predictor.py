@@ -23,7 +23,9 @@ from torch import nn
 
 from dataset import shapes
 
-from .checkpoint import FCOSCheckpointer
+from .checkpoint import CheckpointMismatchError, FCOSCheckpointer, LoadReport, missing_weights_message
+from .checkpoint_layouts import UnknownLayoutError
+from .safe_pickle import UnsafeCheckpointError
 from .tta import FCOSWithTTA
 
 logger = logging.getLogger(__name__)
@@ -108,8 +110,27 @@ def class_names(cfg: CfgNode, ann_file: Optional[str] = None) -> Optional[List[s
     return names
 
 
-def _is_local_path(path: str) -> bool:
-    return "://" not in path
+class _InferenceCheckpointer(FCOSCheckpointer):
+    """Loading for inference: every model tensor must come from the checkpoint.
+
+    Training may start from a partial checkpoint (a class head of another class count is skipped for
+    fine-tuning, an ImageNet file has no head); a model used for predictions may not, or it would
+    predict from random weights without saying so.
+    """
+
+    def _load_model(self, checkpoint: Dict[str, Any]) -> LoadReport:
+        report = super()._load_model(checkpoint)
+        if report.skipped or report.missing:
+            reasons = [f"{key}: {why}" for key, why in report.skipped.items()]
+            missing = report.missing[:5] + (["..."] if len(report.missing) > 5 else [])
+            if report.missing:
+                reasons.append(f"missing from the checkpoint: {', '.join(missing)}")
+            raise InferenceSetupError(
+                "MODEL.WEIGHTS does not hold a complete model for this config (" + "; ".join(reasons) + "). "
+                "Use the config the model was trained with (OUTPUT_DIR/config.yaml), or set "
+                "MODEL.FCOS.NUM_CLASSES to the checkpoint's class count"
+            )
+        return report
 
 
 def check_weights(cfg: CfgNode) -> None:
@@ -120,19 +141,21 @@ def check_weights(cfg: CfgNode) -> None:
             "MODEL.WEIGHTS is empty: give the trained model, e.g. --opts MODEL.WEIGHTS output/<run>/model_final.pth "
             f"(pretrained files: see {WEIGHTS_HELP})"
         )
-    if _is_local_path(weights) and not os.path.isfile(weights):
+    if "://" not in weights and not os.path.isfile(weights):
         raise InferenceSetupError(
-            f"MODEL.WEIGHTS: {weights} does not exist. Put the checkpoint there or pass another path with "
-            f"--opts MODEL.WEIGHTS <file>; {WEIGHTS_HELP} lists the pretrained files, where to download them "
-            "and which config goes with each (a model you trained yourself is OUTPUT_DIR/model_final.pth)"
+            f"{missing_weights_message(weights)} A model you trained yourself is OUTPUT_DIR/model_final.pth."
         )
 
 
 def build_inference_model(cfg: CfgNode) -> nn.Module:
-    """The config's model with ``MODEL.WEIGHTS`` loaded, in eval mode (no TTA wrapper)."""
+    """The config's model with all of ``MODEL.WEIGHTS`` loaded, in eval mode (no TTA wrapper)."""
     check_weights(cfg)
     model = build_model(cfg)
-    FCOSCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    checkpointer = _InferenceCheckpointer(model, allow_unsafe_pickle=cfg.MODEL.FCOS.ALLOW_UNSAFE_PICKLE)
+    try:
+        checkpointer.load(cfg.MODEL.WEIGHTS)
+    except (CheckpointMismatchError, UnknownLayoutError, UnsafeCheckpointError) as err:
+        raise InferenceSetupError(str(err)) from None
     return model.eval()
 
 
