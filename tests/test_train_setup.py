@@ -1,0 +1,348 @@
+"""Fast, in-process tests of train_net.py's setup: dataset selection (seed defect 1), NUM_CLASSES, COCO and
+bad-data errors, degenerate boxes, optimizer, backend choice, LR scaling, AP table, curves, NaN stop, no
+hidden rotation."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import types
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+from PIL import Image
+from torch import nn
+
+import train_net
+from train_helpers import (
+    REPO,
+    SHAPES_CONFIG,
+    TINY_OPTS,
+    simple_boxes,
+    simple_categories,
+    write_coco,
+)
+from training import evaluation, launch
+from training.config import SetupError, get_fcos_cfg
+from training.curves import plot_training_curves, read_metrics
+from training.datasets import drop_degenerate_boxes, use_custom_datasets
+from training.hooks import FiniteLossTrainer, NonFiniteLossError
+from training.trainer import FCOSTrainer, build_optimizer, unused_backbone_levels
+
+
+@pytest.fixture
+def catalog() -> Iterator[List[str]]:
+    """Dataset names a test registers; removed afterwards so tests do not see each other's datasets."""
+    names: List[str] = []
+    yield names
+    for name in names:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
+
+def _setup(argv: List[str], world_size: int = 1):
+    return train_net.setup_config(train_net.build_parser().parse_args(argv), world_size)
+
+
+def _custom_argv(tmp_path: Path, catalog: List[str], train_classes: int = 3, val_classes: int = 3) -> List[str]:
+    train_json, train_dir = write_coco(tmp_path, "train", simple_categories(train_classes), simple_boxes(2, train_classes))
+    val_json, val_dir = write_coco(tmp_path, "val", simple_categories(val_classes), simple_boxes(2, val_classes))
+    name_train, name_val = f"t_{tmp_path.name}", f"v_{tmp_path.name}"
+    catalog += [name_train, name_val]
+    return [
+        "--config-file", str(SHAPES_CONFIG),
+        "--ann_file_train", str(train_json), "--image_dir_train", str(train_dir), "--name_train", name_train,
+        "--ann_file_val", str(val_json), "--image_dir_val", str(val_dir), "--name_val", name_val,
+    ]
+
+
+# --- which datasets a run uses ----------------------------------------------------------------------------
+
+def test_config_datasets_are_kept_without_custom_flags() -> None:
+    # Seed defect 1: the seed replaced DATASETS.* with custom names even when no file was given.
+    cfg = get_fcos_cfg()
+    cfg.merge_from_file(str(REPO / "configs" / "Base-FCOS.yaml"))
+    use_custom_datasets(cfg, None, None, check=True)
+    assert cfg.DATASETS.TRAIN == ("coco_2017_train",)
+    assert cfg.DATASETS.TEST == ("coco_2017_val",)
+
+
+def test_custom_flags_replace_datasets_and_num_classes_follows_the_json(tmp_path: Path, catalog: List[str]) -> None:
+    cfg = _setup(_custom_argv(tmp_path, catalog))
+    assert cfg.DATASETS.TRAIN == (catalog[0],)
+    assert cfg.DATASETS.TEST == (catalog[1],)
+    assert cfg.MODEL.FCOS.NUM_CLASSES == 3
+    assert MetadataCatalog.get(catalog[0]).thing_classes == ["class1", "class2", "class3"]
+
+
+def test_num_classes_that_contradicts_the_json_is_an_error(tmp_path: Path, catalog: List[str]) -> None:
+    with pytest.raises(SetupError, match=r"MODEL.FCOS.NUM_CLASSES is 5 but dataset .* has 3 categories"):
+        _setup(_custom_argv(tmp_path, catalog) + ["MODEL.FCOS.NUM_CLASSES", "5"])
+
+
+def test_num_classes_set_to_the_json_count_is_accepted(tmp_path: Path, catalog: List[str]) -> None:
+    assert _setup(_custom_argv(tmp_path, catalog) + ["MODEL.FCOS.NUM_CLASSES", "3"]).MODEL.FCOS.NUM_CLASSES == 3
+
+
+def test_train_and_val_with_different_categories_is_an_error(tmp_path: Path, catalog: List[str]) -> None:
+    with pytest.raises(SetupError, match="different categories"):
+        _setup(_custom_argv(tmp_path, catalog, train_classes=3, val_classes=2))
+
+
+def test_custom_train_without_val_disables_evaluation(tmp_path: Path, catalog: List[str]) -> None:
+    argv = _custom_argv(tmp_path, catalog)
+    cfg = _setup(argv[: argv.index("--ann_file_val")])
+    assert cfg.DATASETS.TEST == ()
+
+
+def test_annotation_file_without_image_folder_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SetupError, match="--ann_file_train and --image_dir_train go together"):
+        _setup(["--config-file", str(SHAPES_CONFIG), "--ann_file_train", str(tmp_path / "a.json")])
+
+
+def test_missing_coco_names_the_path_and_the_variable() -> None:
+    # detectron2 registered coco_2017_* at import under $DETECTRON2_DATASETS (unset here: ./datasets).
+    json_file = MetadataCatalog.get("coco_2017_train").json_file
+    assert not Path(json_file).exists()
+    with pytest.raises(SetupError) as err:
+        _setup(["--config-file", str(REPO / "configs" / "Base-FCOS.yaml")])
+    message = str(err.value)
+    assert "coco_2017_train" in message and json_file in message and "DETECTRON2_DATASETS" in message
+
+
+def test_missing_weights_file_is_an_error_naming_it(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nope.pth")
+    with pytest.raises(SetupError, match="nope.pth"):
+        _setup(["--config-file", str(SHAPES_CONFIG), "--eval-only", "MODEL.WEIGHTS", missing,
+                "DATASETS.TEST", "()"])
+
+
+# --- bad data: one clear error naming the file, before training ---------------------------------------------
+
+def _break_missing_image(ann: dict, image_dir: Path) -> str:
+    (image_dir / "1.png").unlink()
+    return "1.png"
+
+
+def _break_unreadable_image(ann: dict, image_dir: Path) -> str:
+    (image_dir / "0.png").write_bytes(b"not an image")
+    return "0.png"
+
+
+def _break_unknown_category(ann: dict, image_dir: Path) -> str:
+    ann["annotations"][0]["category_id"] = 42
+    return "unknown category id 42"
+
+
+def _break_zero_size_box(ann: dict, image_dir: Path) -> str:
+    ann["annotations"][1]["bbox"] = [5.0, 5.0, 0.0, 10.0]
+    return "zero or negative size"
+
+
+def _break_negative_size_box(ann: dict, image_dir: Path) -> str:
+    ann["annotations"][2]["bbox"] = [30.0, 30.0, 10.0, -4.0]
+    return "zero or negative size"
+
+
+def _break_not_coco(ann: dict, image_dir: Path) -> str:
+    ann.clear()
+    ann["items"] = []
+    return "missing key 'images'"
+
+
+@pytest.mark.parametrize(
+    "breaker",
+    [_break_missing_image, _break_unreadable_image, _break_unknown_category, _break_zero_size_box,
+     _break_negative_size_box, _break_not_coco],
+)
+def test_bad_training_data_is_a_clear_error_before_training(tmp_path: Path, catalog: List[str], breaker) -> None:
+    argv = _custom_argv(tmp_path, catalog)
+    ann_file = Path(argv[argv.index("--ann_file_train") + 1])
+    ann = json.loads(ann_file.read_text())
+    expected = breaker(ann, tmp_path / "train")
+    ann_file.write_text(json.dumps(ann))
+    with pytest.raises(SetupError) as err:
+        _setup(argv)
+    assert expected in str(err.value)
+    assert str(ann_file) in str(err.value)
+    assert catalog[0] not in DatasetCatalog.list()
+
+
+def test_json_that_is_not_json_is_a_clear_error(tmp_path: Path, catalog: List[str]) -> None:
+    argv = _custom_argv(tmp_path, catalog)
+    ann_file = Path(argv[argv.index("--ann_file_val") + 1])
+    ann_file.write_text("{ not json")
+    with pytest.raises(SetupError, match="not valid JSON"):
+        _setup(argv)
+
+
+def test_degenerate_boxes_are_dropped_with_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    def anno(box: List[float]) -> dict:
+        return {"bbox": box, "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0}
+
+    dicts = [
+        {"file_name": "a", "width": 64, "height": 48,
+         "annotations": [anno([10, 10, 20, 20]), anno([10, 10, 0, 20]), anno([70, 10, 5, 5])]},
+        {"file_name": "b", "width": 64, "height": 48, "annotations": [anno([0, 40, 10, 8]), anno([5, 48, 4, 4])]},
+    ]
+    with caplog.at_level(logging.WARNING, logger="training.datasets"):
+        kept = drop_degenerate_boxes(dicts, ["toy"])
+    # Zero width; entirely right of x=64; entirely below y=48 -> 3 removed, 2 kept.
+    assert [len(r["annotations"]) for r in kept] == [1, 1]
+    assert kept[1]["annotations"][0]["bbox"] == [0, 40, 10, 8]
+    assert "Removed 3 degenerate boxes" in caplog.text
+
+
+# --- optimizer, processes, learning rate ---------------------------------------------------------------------
+
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+
+def test_adamw_is_built_with_the_config_values_and_clipping() -> None:
+    cfg = get_fcos_cfg()
+    cfg.merge_from_list(["SOLVER.OPTIMIZER", "ADAMW", "SOLVER.BASE_LR", "0.002", "SOLVER.WEIGHT_DECAY", "0.05",
+                         "SOLVER.WEIGHT_DECAY_NORM", "0.0", "SOLVER.CLIP_GRADIENTS.ENABLED", "True"])
+    model = _model()
+    opt = build_optimizer(cfg, model)
+    assert isinstance(opt, torch.optim.AdamW) and type(opt).__name__ == "AdamWWithGradientClip"
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    # conv weight and bias: WEIGHT_DECAY 0.05; BN weight and bias: WEIGHT_DECAY_NORM 0.
+    assert [decay[id(p)] for p in model.parameters()] == [0.05, 0.05, 0.0, 0.0]
+    assert all(g["lr"] == 0.002 and g["betas"] == (0.9, 0.999) for g in opt.param_groups)
+
+
+def test_sgd_is_detectron2s_and_unknown_optimizer_is_an_error() -> None:
+    cfg = get_fcos_cfg()
+    assert type(build_optimizer(cfg, _model())) is torch.optim.SGD
+    cfg.SOLVER.OPTIMIZER = "LAMB"
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER: unknown optimizer 'LAMB'"):
+        build_optimizer(cfg, _model())
+
+
+def test_backend_is_gloo_without_cuda_and_nccl_with_enough_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert launch.choose_backend(2) == "gloo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert launch.choose_backend(2) == "nccl"
+    with pytest.raises(ValueError, match="--num-gpus 4 but only 2 GPU"):
+        launch.choose_backend(4)
+
+
+def test_lr_and_batch_scale_with_the_number_of_processes(tmp_path: Path) -> None:
+    # Batch 8 and lr 1e-3 for REFERENCE_WORLD_SIZE 1 -> 2 processes: batch 16, lr 2e-3, half the iterations.
+    argv = ["--config-file", str(SHAPES_CONFIG), "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+            "SOLVER.IMS_PER_BATCH", "8", "SOLVER.BASE_LR", "0.001", "SOLVER.MAX_ITER", "100",
+            "SOLVER.STEPS", "(80,)", "SOLVER.REFERENCE_WORLD_SIZE", "1"]
+    cfg = _setup(argv, world_size=2)
+    assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER) == (16, 0.002, 50)
+    assert cfg.SOLVER.STEPS == (40,)
+    with pytest.raises(SetupError, match=r"SOLVER.IMS_PER_BATCH \(3\) must be divisible .* \(2\)"):
+        _setup(argv + ["SOLVER.IMS_PER_BATCH", "3", "SOLVER.REFERENCE_WORLD_SIZE", "0"], world_size=2)
+
+
+def test_unused_levels_are_found_only_for_a_backbone_that_builds_them() -> None:
+    cfg = get_fcos_cfg()
+    cfg.merge_from_file(str(SHAPES_CONFIG))
+    cfg.MODEL.DEVICE = "cpu"
+    assert unused_backbone_levels(cfg, FCOSTrainer.build_model(cfg)) == []
+    cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
+    assert unused_backbone_levels(cfg, FCOSTrainer.build_model(cfg)) == ["p6", "p7"]
+
+
+# --- evaluation output ---------------------------------------------------------------------------------------
+
+def test_ap_table_rows_and_missing_values() -> None:
+    metrics = {"AP": 51.234, "AP50": 80.5, "AP75": 55.0, "APs": float("nan"), "APm": 40.0, "APl": 70.126,
+               "AP-circle": 1.0}
+    table = evaluation.format_ap_table({"bbox": metrics, "bbox_TTA": dict(metrics, AP=52.0)})
+    lines = table.splitlines()
+    assert len(lines) == 4
+    assert [c.strip() for c in lines[2].strip("|").split("|")] == ["bbox", "51.23", "80.50", "55.00", "-", "40.00", "70.13"]
+    assert lines[3].split("|")[1].strip() == "bbox_TTA" and "52.00" in lines[3]
+    nested = evaluation.format_ap_table({"a_val": {"bbox": metrics}, "b_val": {"bbox": metrics}})
+    assert "a_val/bbox" in nested and "b_val/bbox" in nested
+    assert evaluation.format_ap_table({}).startswith("no box AP results")
+
+
+def test_fast_coco_eval_is_used_only_when_the_extension_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    stub = types.ModuleType("detectron2._C")
+    monkeypatch.setitem(sys.modules, "detectron2._C", stub)
+    assert evaluation.has_fast_coco_eval() is False
+    stub.COCOevalEvaluateImages = stub.COCOevalAccumulate = lambda *a: None
+    assert evaluation.has_fast_coco_eval() is True
+
+
+def test_training_curves_from_metrics_json(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.json"
+    lines = [
+        {"iteration": 19, "total_loss": 3.0, "loss_cls": 1.0, "lr": 0.001},
+        {"iteration": 39, "total_loss": 2.0, "loss_cls": 0.8, "lr": 0.001},
+        {"iteration": 39, "bbox/AP": 10.0, "bbox/AP50": 20.0},
+        # after --resume from iteration 29: iteration 39 again, the later line wins
+        {"iteration": 39, "total_loss": 1.5, "loss_cls": 0.7, "lr": 0.001},
+    ]
+    metrics.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"iteration": 59, "total_lo')
+    by_iter = read_metrics(metrics)
+    assert sorted(by_iter) == [19, 39]
+    assert by_iter[39] == {"total_loss": 1.5, "loss_cls": 0.7, "lr": 0.001, "bbox/AP": 10.0, "bbox/AP50": 20.0}
+    out = tmp_path / "curves.png"
+    assert plot_training_curves(metrics, out) is True
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (800, 900)  # 3 panels of 8x3 in at 100 dpi
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    metrics.write_text(json.dumps({"iteration": 0, "data_time": 0.1}) + "\n")
+    assert plot_training_curves(metrics, tmp_path / "none.png") is False
+    assert not (tmp_path / "none.png").exists()
+
+
+# --- training loop ------------------------------------------------------------------------------------------
+
+class _LossAt(nn.Module):
+    """A one-parameter model whose loss becomes NaN at iteration ``bad_iter`` (data = iteration number)."""
+
+    def __init__(self, bad_iter: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+        self.bad_iter = bad_iter
+
+    def forward(self, it: int) -> dict:
+        scale = float("nan") if it == self.bad_iter else 1.0
+        return {"loss_a": (self.w * scale).sum() ** 2}
+
+
+def test_nan_loss_stops_with_the_iteration_before_the_step() -> None:
+    model = _LossAt(bad_iter=3)
+    trainer = FiniteLossTrainer(model, iter(range(100)), torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(NonFiniteLossError, match=r"iteration 3 .*'loss_a': nan"):
+        trainer.train(0, 10)
+    # Three SGD steps on w^2 (w <- w - 0.1 * 2w = 0.8 w), none at iteration 3.
+    assert model.w.item() == pytest.approx(0.8**3)
+
+
+def test_training_images_are_never_rotated(tmp_path: Path, catalog: List[str]) -> None:
+    # Seed defect 2 rotated images by 90 degrees unless the output folder was named "no90". A 64x40
+    # image must stay 64 wide and 40 high, its box unchanged or mirrored, over many samples.
+    ann_file, image_dir = write_coco(tmp_path, "rot", simple_categories(1), [[(1, [4.0, 6.0, 20.0, 10.0])]])
+    data = json.loads(ann_file.read_text())
+    Image.new("RGB", (64, 40)).save(image_dir / "0.png")
+    data["images"][0].update(width=64, height=40)
+    ann_file.write_text(json.dumps(data))
+    catalog.append(f"rot_{tmp_path.name}")
+    cfg = _setup(["--config-file", str(SHAPES_CONFIG), "--ann_file_train", str(ann_file),
+                  "--image_dir_train", str(image_dir), "--name_train", catalog[0], *TINY_OPTS,
+                  "INPUT.MIN_SIZE_TRAIN", "(40,)", "SOLVER.IMS_PER_BATCH", "1"])
+    loader = iter(FCOSTrainer.build_train_loader(cfg))
+    seen = set()
+    for _ in range(12):
+        (sample,) = next(loader)
+        assert tuple(sample["image"].shape) == (3, 40, 64)
+        seen.add(tuple(sample["instances"].gt_boxes.tensor[0].tolist()))
+    # Both the original and the mirrored box occur (all 12 the same: probability 2 / 2**12).
+    assert seen == {(4.0, 6.0, 24.0, 16.0), (40.0, 6.0, 60.0, 16.0)}

@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Train and evaluate FCOS with detectron2: COCO, custom COCO-format data, or the embedded shapes dataset.
+
+    python train_net.py --config-file configs/fcos_shapes.yaml                  # embedded data, CPU ok
+    python train_net.py --config-file configs/fcos_R_50_FPN.yaml --num-gpus 8   # COCO ($DETECTRON2_DATASETS)
+    python train_net.py --config-file CFG --ann_file_train a.json --image_dir_train imgs/ \\
+        --ann_file_val b.json --image_dir_val imgs/                              # your data
+    python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
+
+Data problems (missing COCO folder, bad annotation files, NUM_CLASSES that disagrees with the data) are
+found here, in the launching process, before any worker starts or any iteration runs.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from fcos import FCOSCheckpointer, FCOSConfigError
+from fcos.checkpoint import CheckpointMismatchError, missing_weights_message
+from training.config import SetupError, get_fcos_cfg
+from training.datasets import (
+    check_datasets_exist,
+    custom_datasets_from_args,
+    num_classes_set_explicitly,
+    prepare_shapes,
+    resolve_num_classes,
+    use_custom_datasets,
+    uses_shapes,
+)
+from training.evaluation import format_ap_table
+from training.hooks import NonFiniteLossError
+from training.launch import launch
+from training.trainer import FCOSTrainer
+
+logger = logging.getLogger("training.train_net")
+
+# Loggers of this project's packages; detectron2's default_setup only configures "detectron2" and "fvcore".
+PROJECT_LOGGERS = ("training", "fcos", "dataset")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """detectron2's usual flags plus the seed's custom-data flags (which take effect only when given)."""
+    parser = default_argument_parser()
+    group = parser.add_argument_group("custom COCO-format data (replaces DATASETS.TRAIN/TEST only when given)")
+    group.add_argument("--ann_file_train", help="COCO JSON of the training set")
+    group.add_argument("--image_dir_train", help="folder with the training images")
+    group.add_argument("--name_train", default="custom_train", help="dataset name to register (default: %(default)s)")
+    group.add_argument("--ann_file_val", help="COCO JSON of the validation set")
+    group.add_argument("--image_dir_val", help="folder with the validation images")
+    group.add_argument("--name_val", default="custom_val", help="dataset name to register (default: %(default)s)")
+    return parser
+
+
+def _register_datasets(cfg: CfgNode, args: argparse.Namespace, check: bool) -> None:
+    """Register custom and embedded datasets named by ``args``/``cfg`` (cfg unfrozen when custom data is given)."""
+    train, val = custom_datasets_from_args(
+        args.ann_file_train, args.image_dir_train, args.name_train,
+        args.ann_file_val, args.image_dir_val, args.name_val,
+    )
+    use_custom_datasets(cfg, train, val, check=check)
+    if uses_shapes(cfg):
+        prepare_shapes(cfg)
+
+
+def setup_config(args: argparse.Namespace, world_size: int) -> CfgNode:
+    """The run's final, frozen config; checks the data and raises SetupError on any problem."""
+    cfg = get_fcos_cfg()
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    _register_datasets(cfg, args, check=True)
+    if not args.eval_only:
+        check_datasets_exist(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+    check_datasets_exist(cfg.DATASETS.TEST, "DATASETS.TEST")
+    names: List[str] = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
+    resolve_num_classes(cfg, names, explicit=num_classes_set_explicitly(cfg, args.opts))
+    _check_weights_exist(cfg, args.resume)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available: using the CPU")
+        cfg.MODEL.DEVICE = "cpu"
+    cfg = DefaultTrainer.auto_scale_workers(cfg, world_size)
+    if cfg.SOLVER.IMS_PER_BATCH % world_size != 0:
+        raise SetupError(
+            f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by the number of processes ({world_size})"
+        )
+    cfg.freeze()
+    return cfg
+
+
+def _check_weights_exist(cfg: CfgNode, resume: bool) -> None:
+    """A missing local MODEL.WEIGHTS is an error now, unless --resume will use a checkpoint instead."""
+    weights = cfg.MODEL.WEIGHTS
+    if not weights or "://" in weights or os.path.isfile(weights):
+        return
+    if resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+        return
+    raise SetupError(missing_weights_message(weights))
+
+
+def _copy_config_file(config_file: str, output_dir: str) -> None:
+    """``config_my.yaml``: the user's ``--config-file`` as given (config.yaml is the full merged config)."""
+    fd, tmp = tempfile.mkstemp(prefix=".config_my.", suffix=".yaml", dir=output_dir)
+    os.close(fd)
+    try:
+        shutil.copyfile(config_file, tmp)
+        os.replace(tmp, os.path.join(output_dir, "config_my.yaml"))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _worker_setup(cfg: CfgNode, args: argparse.Namespace) -> None:
+    """Per-process setup: dataset registration, loggers, config copies, batch/LR summary."""
+    cfg.defrost()
+    _register_datasets(cfg, args, check=False)
+    cfg.freeze()
+    default_setup(cfg, args)
+    for name in PROJECT_LOGGERS:
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name)
+    if comm.is_main_process() and args.config_file:
+        _copy_config_file(args.config_file, cfg.OUTPUT_DIR)
+    solver = cfg.SOLVER
+    logger.info(
+        f"Batch {solver.IMS_PER_BATCH} images over {comm.get_world_size()} process(es), {solver.OPTIMIZER} "
+        f"BASE_LR {solver.BASE_LR:g} ({solver.BASE_LR / solver.IMS_PER_BATCH:.3g} per image), "
+        f"MAX_ITER {solver.MAX_ITER}, NUM_CLASSES {cfg.MODEL.FCOS.NUM_CLASSES}, device {cfg.MODEL.DEVICE}"
+    )
+
+
+def evaluate(cfg: CfgNode, args: argparse.Namespace) -> Dict[str, object]:
+    """``--eval-only``: load MODEL.WEIGHTS (or the last checkpoint with ``--resume``) and evaluate."""
+    model = FCOSTrainer.build_model(cfg)
+    checkpointer = FCOSCheckpointer(
+        model, save_dir=cfg.OUTPUT_DIR, allow_unsafe_pickle=cfg.MODEL.FCOS.ALLOW_UNSAFE_PICKLE
+    )
+    if not cfg.MODEL.WEIGHTS and not (args.resume and checkpointer.has_checkpoint()):
+        logger.warning("--eval-only without MODEL.WEIGHTS: evaluating randomly initialised weights")
+    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+    results: Dict[str, object] = OrderedDict(FCOSTrainer.test(cfg, model))
+    if cfg.TEST.AUG.ENABLED:
+        results.update(FCOSTrainer.test_with_TTA(cfg, model))
+    return results
+
+
+def train(cfg: CfgNode, args: argparse.Namespace) -> Dict[str, object]:
+    """Train (resuming with ``--resume``); returns the final evaluation's results."""
+    trainer = FCOSTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    tta_results: Dict[str, object] = {}
+
+    def test_with_tta() -> Dict[str, object]:
+        tta_results.update(trainer.test_with_TTA(cfg, trainer.model))
+        return tta_results
+
+    if cfg.TEST.AUG.ENABLED:
+        trainer.register_hooks([hooks.EvalHook(0, test_with_tta)])
+    trainer.train()
+    # DefaultTrainer keeps the last evaluation's results here (its EvalHook closure sets it).
+    results: Dict[str, object] = OrderedDict(getattr(trainer, "_last_eval_results", None) or {})
+    results.update(tta_results)
+    return results
+
+
+def main(cfg: CfgNode, args: argparse.Namespace) -> None:
+    """One process's job (all processes run it under ``launch``)."""
+    _worker_setup(cfg, args)
+    results = evaluate(cfg, args) if args.eval_only else train(cfg, args)
+    if comm.is_main_process() and cfg.DATASETS.TEST:
+        table = format_ap_table(results)
+        logger.info(f"Box AP on {list(cfg.DATASETS.TEST)}:\n{table}")
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse, check the config and data, then launch; user errors become one message and exit code 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
+    world_size = args.num_gpus * args.num_machines
+    try:
+        cfg = setup_config(args, world_size)
+        launch(main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(cfg, args))
+    except (SetupError, FCOSConfigError, CheckpointMismatchError) as err:
+        print(f"train_net.py: error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        print(f"train_net.py: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,104 @@
+"""Start one training process per device with torch.distributed: NCCL on GPUs, gloo on CPU-only machines.
+
+detectron2 0.6's ``launch`` hard-codes the NCCL backend and asserts CUDA, so multi-process training
+could not run on a CPU machine at all. This keeps its interface (``num_gpus_per_machine`` is "processes
+per machine" on CPU) and its conventions (``dist_url="auto"``, a per-machine local process group that
+``detectron2.utils.comm.get_local_rank`` uses).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
+from detectron2.utils import comm
+
+logger = logging.getLogger(__name__)
+
+
+def choose_backend(processes_per_machine: int) -> str:
+    """"nccl" with one GPU per process, "gloo" without CUDA; too few GPUs is an error, not a silent CPU run."""
+    if not torch.cuda.is_available():
+        return "gloo"
+    available = torch.cuda.device_count()
+    if processes_per_machine > available:
+        raise ValueError(
+            f"--num-gpus {processes_per_machine} but only {available} GPU(s) are visible on this machine"
+        )
+    return "nccl"
+
+
+def launch(
+    main_func: Callable[..., Any],
+    num_gpus_per_machine: int,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: str | None = None,
+    args: Sequence[Any] = (),
+    timeout: timedelta = DEFAULT_TIMEOUT,
+) -> None:
+    """Run ``main_func(*args)`` in ``num_gpus_per_machine`` processes on each of ``num_machines`` machines.
+
+    With a world size of 1 it is a plain call in this process. ``dist_url`` is a torch.distributed init
+    URL (``tcp://host:port``); "auto" picks a free local port (single machine only).
+    """
+    if num_gpus_per_machine < 1 or num_machines < 1:
+        raise ValueError(f"--num-gpus ({num_gpus_per_machine}) and --num-machines ({num_machines}) must be >= 1")
+    world_size = num_machines * num_gpus_per_machine
+    if world_size == 1:
+        main_func(*args)
+        return
+    if dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("--dist-url auto only works on one machine; give tcp://<machine 0 address>:<port>")
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    backend = choose_backend(num_gpus_per_machine)
+    mp.spawn(
+        _distributed_worker,
+        nprocs=num_gpus_per_machine,
+        args=(main_func, backend, world_size, num_gpus_per_machine, machine_rank, dist_url, tuple(args), timeout),
+        daemon=False,
+    )
+
+
+def _distributed_worker(
+    local_rank: int,
+    main_func: Callable[..., Any],
+    backend: str,
+    world_size: int,
+    num_gpus_per_machine: int,
+    machine_rank: int,
+    dist_url: str,
+    args: Sequence[Any],
+    timeout: timedelta,
+) -> None:
+    global_rank = machine_rank * num_gpus_per_machine + local_rank
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # Processes on one machine share its cores; without this each would start a thread per core.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_gpus_per_machine))
+    try:
+        dist.init_process_group(
+            backend=backend, init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout
+        )
+    except Exception:
+        logger.error(f"Process group URL: {dist_url} (backend {backend}, rank {global_rank}/{world_size})")
+        raise
+    num_machines = world_size // num_gpus_per_machine
+    for i in range(num_machines):
+        ranks = list(range(i * num_gpus_per_machine, (i + 1) * num_gpus_per_machine))
+        group = dist.new_group(ranks)
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+    # A barrier right after init avoids a timeout on the first real collective (maskrcnn-benchmark#172).
+    comm.synchronize()
+    try:
+        main_func(*args)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,143 @@
+"""The FCOS trainer: detectron2's DefaultTrainer with the pieces it lacks on this project's machines.
+
+Kept from DefaultTrainer: model/optimizer/scheduler/data loader building order, hooks, ``--resume``.
+Changed: DDP also on CPU (gloo; detectron2 passes GPU ``device_ids``), ``find_unused_parameters`` only for a
+backbone that builds levels the head does not use, AdamW as well as SGD, NaN/Inf stop on every rank,
+degenerate boxes dropped with a count, the training-curve PNG, COCO evaluation without the C++ extension,
+atomic checkpoints (FCOSCheckpointer) and FCOS's own test-time augmentation (FCOSWithTTA).
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from collections import OrderedDict
+from typing import Dict, List
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.engine import DefaultTrainer, TrainerBase, hooks
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.solver import build_optimizer as build_sgd_optimizer
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fcos import FCOSCheckpointer, FCOSWithTTA
+
+from .config import OPTIMIZERS
+from .datasets import drop_degenerate_boxes
+from .evaluation import build_coco_evaluator
+from .hooks import FiniteLossAMPTrainer, FiniteLossTrainer, TrainingCurveHook
+
+logger = logging.getLogger(__name__)
+
+
+def unused_backbone_levels(cfg: CfgNode, model: nn.Module) -> List[str]:
+    """Backbone outputs the FCOS head does not read (their parameters never get a gradient)."""
+    produced = model.backbone.output_shape()
+    return sorted(set(produced) - set(cfg.MODEL.FCOS.IN_FEATURES))
+
+
+def create_ddp_model(cfg: CfgNode, model: nn.Module) -> nn.Module:
+    """Wrap ``model`` in DDP when there are several processes, on GPU or CPU.
+
+    ``build_fcos_resnet_fpn_backbone`` builds only the levels in ``IN_FEATURES``, so DDP needs no
+    ``find_unused_parameters``. The seed's ``build_retinanet_resnet_fpn_backbone`` always builds P3-P7
+    (its checkpoints have those keys), so with an ``IN_FEATURES`` subset, and only then, unused
+    parameters are searched for each step (slower; logged with the fix).
+    """
+    if comm.get_world_size() == 1:
+        return model
+    unused = unused_backbone_levels(cfg, model)
+    if unused:
+        logger.warning(
+            f"Backbone {cfg.MODEL.BACKBONE.NAME} builds {unused} but MODEL.FCOS.IN_FEATURES is "
+            f"{list(cfg.MODEL.FCOS.IN_FEATURES)}: using DDP find_unused_parameters=True (slower). "
+            "build_fcos_resnet_fpn_backbone builds only the levels the head uses."
+        )
+    device_ids = [comm.get_local_rank()] if next(model.parameters()).is_cuda else None
+    return DistributedDataParallel(
+        model, device_ids=device_ids, broadcast_buffers=False, find_unused_parameters=bool(unused)
+    )
+
+
+def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD exactly as detectron2 builds it, or AdamW with the same parameter groups and gradient clipping."""
+    name = cfg.SOLVER.OPTIMIZER.upper()
+    if name == "SGD":
+        return build_sgd_optimizer(cfg, model)
+    if name == "ADAMW":
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        )
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
+            params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS), weight_decay=cfg.SOLVER.WEIGHT_DECAY
+        )
+    raise ValueError(f"SOLVER.OPTIMIZER: unknown optimizer {cfg.SOLVER.OPTIMIZER!r}; choose one of {list(OPTIMIZERS)}")
+
+
+class FCOSTrainer(DefaultTrainer):
+    """DefaultTrainer for FCOS; see the module docstring for what differs."""
+
+    def __init__(self, cfg: CfgNode) -> None:
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(cfg, model)
+        step_class = FiniteLossAMPTrainer if cfg.SOLVER.AMP.ENABLED else FiniteLossTrainer
+        self._trainer = step_class(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        # Atomic saves: a kill -9 during a save never leaves last_checkpoint pointing at a torn file.
+        self.checkpointer = FCOSCheckpointer(
+            model,
+            cfg.OUTPUT_DIR,
+            allow_unsafe_pickle=cfg.MODEL.FCOS.ALLOW_UNSAFE_PICKLE,
+            trainer=weakref.proxy(self),
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def build_hooks(self) -> List[hooks.HookBase]:
+        ret = super().build_hooks()
+        if comm.is_main_process():
+            ret.append(TrainingCurveHook(self.cfg.OUTPUT_DIR))
+        return ret
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            proposal_files=None,
+        )
+        return build_detection_train_loader(cfg, dataset=drop_degenerate_boxes(dataset, cfg.DATASETS.TRAIN))
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> DatasetEvaluator:
+        return build_coco_evaluator(dataset_name, output_folder or f"{cfg.OUTPUT_DIR}/inference")
+
+    @classmethod
+    def test_with_TTA(cls, cfg: CfgNode, model: nn.Module) -> Dict[str, Dict[str, float]]:
+        """Evaluate with test-time augmentation (``TEST.AUG``); metric names get a ``_TTA`` suffix."""
+        logger.info("Running inference with test-time augmentation ...")
+        tta_model = FCOSWithTTA(cfg, model)
+        evaluators = [cls.build_evaluator(cfg, name, f"{cfg.OUTPUT_DIR}/inference_TTA") for name in cfg.DATASETS.TEST]
+        results = cls.test(cfg, tta_model, evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in results.items())
