@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import pickle
-from typing import Any, FrozenSet, Tuple
+from typing import Any, FrozenSet, List, Tuple, Union
 
+import numpy as np
 import torch
+from numpy._core.multiarray import _reconstruct, scalar
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,20 @@ _ALLOWED_GLOBALS: FrozenSet[Tuple[str, str]] = frozenset(
         ("__builtin__", "frozenset"),
     }
 )
+
+
+# The same admission for torch.load(weights_only=True), which refuses numpy arrays by default. The
+# (object, name) pairs also admit files written with numpy 1, which spell the module "numpy.core".
+_TORCH_NUMPY_GLOBALS: List[Union[Any, Tuple[Any, str]]] = [
+    _reconstruct,
+    (_reconstruct, "numpy.core.multiarray._reconstruct"),
+    scalar,
+    (scalar, "numpy.core.multiarray.scalar"),
+    np.ndarray,
+    np.dtype,
+    *(type(np.dtype(t)) for t in (np.bool_, np.uint8, np.int8, np.int16, np.int32, np.int64)),
+    *(type(np.dtype(t)) for t in (np.float16, np.float32, np.float64)),
+]
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -83,13 +99,14 @@ def _weights_only_reason(error: pickle.UnpicklingError) -> str:
 
 
 def load_torch(path: str, *, allow_unsafe: bool = False) -> Any:
-    """``torch.load`` on CPU with ``weights_only=True``; a refusal names the offending global.
+    """``torch.load`` on CPU with ``weights_only=True`` (numpy arrays admitted); a refusal names the global.
 
     Raises:
         UnsafeCheckpointError: the file holds objects ``weights_only`` refuses and ``allow_unsafe`` is off.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_TORCH_NUMPY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not allow_unsafe:
             raise UnsafeCheckpointError(

@@ -1,11 +1,13 @@
 """FCOSCheckpointer / fcos.convert: every supported layout lands on the right keys; bad files fail clearly."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
 import subprocess
 import sys
+import zipfile
 from collections import OrderedDict
 from fractions import Fraction
 from pathlib import Path
@@ -419,6 +421,41 @@ def test_unsafe_pickle_needs_explicit_opt_in(tmp_path: Path) -> None:
     extra = FCOSCheckpointer(model, allow_unsafe_pickle=True).load(str(path))
     assert extra == {"note": Fraction(1, 3)}
     _assert_state_equal(model, state)
+
+
+def _as_numpy1_file(path: Path) -> None:
+    """Rewrite a pickle (or torch zip) as numpy 1 writes it: ``numpy.core`` instead of ``numpy._core``."""
+    if path.suffix == ".pkl":
+        path.write_bytes(path.read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+        return
+    original = path.read_bytes()
+    with zipfile.ZipFile(io.BytesIO(original)) as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            zout.writestr(info, data)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pkl"])
+@pytest.mark.parametrize("numpy1", [False, True], ids=["numpy2-file", "numpy1-file"])
+def test_numpy_arrays_are_admitted_without_opt_in(tmp_path: Path, suffix: str, numpy1: bool) -> None:
+    model = _build(small_cfg())
+    state = _randomized_state(model, seed=12)
+    payload = {"model": {k: v.numpy() for k, v in state.items()}, "iteration": np.int64(7)}
+    path = tmp_path / f"arrays{suffix}"
+    if suffix == ".pth":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f, protocol=2)
+    if numpy1:
+        _as_numpy1_file(path)
+        assert b"numpy._core" not in path.read_bytes()
+
+    extra = FCOSCheckpointer(model).load(str(path))
+    _assert_state_equal(model, state)
+    assert extra == {"iteration": 7}
 
 
 def test_config_key_defaults_to_safe() -> None:
