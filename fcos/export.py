@@ -112,30 +112,26 @@ def example_input(size_divisibility: int, height: int, width: int) -> Tensor:
     return torch.rand((1, 3, height, width), generator=generator) * 255.0
 
 
-def export_onnx(module: FCOSExportModule, example: Tensor, path: Path, opset: int = DEFAULT_OPSET) -> None:
+def export_onnx(module: FCOSExportModule, example: Tensor, path: str, opset: int = DEFAULT_OPSET) -> None:
     """Trace ``module`` on ``example`` into an ONNX file with dynamic batch, height and width."""
     import onnx
 
     names = module.output_names()
     dynamic = {"image": {0: "batch", 2: "height", 3: "width"}}
     dynamic.update({name: {0: "batch", 2: f"height_{name}", 3: f"width_{name}"} for name in names})
-
-    def write(tmp: str) -> None:
+    with torch.no_grad():
         torch.onnx.export(
-            module, (example,), tmp, dynamo=False, opset_version=opset, input_names=["image"],
+            module, (example,), path, dynamo=False, opset_version=opset, input_names=["image"],
             output_names=names, dynamic_axes=dynamic, do_constant_folding=True,
         )
-        onnx.checker.check_model(tmp)
-
-    with torch.no_grad():
-        _write_atomic(path, write)
+    onnx.checker.check_model(path)
 
 
-def export_torchscript(module: FCOSExportModule, example: Tensor, path: Path) -> None:
+def export_torchscript(module: FCOSExportModule, example: Tensor, path: str) -> None:
     """Trace ``module`` into a TorchScript file (shape-generic: the net has no size-dependent branches)."""
     with torch.no_grad():
         traced = torch.jit.trace(module, (example,))
-    _write_atomic(path, lambda tmp: torch.jit.save(traced, tmp))
+    torch.jit.save(traced, path)
 
 
 def run_exported(fmt: str, path: Path, image: Tensor) -> List[np.ndarray]:
@@ -183,16 +179,21 @@ def export_model(
         raise ValueError(f"--format: {fmt!r}; choose one of {list(FORMATS)}")
     module = FCOSExportModule(model).eval()
     divisor = module.backbone.size_divisibility
-    trace_input = example_input(divisor, 256, 320)
-    if fmt == "onnx":
-        export_onnx(module, trace_input, output, opset)
-    else:
-        export_torchscript(module, trace_input, output)
-    worst = check_export(fmt, output, module, example_input(divisor, 192, 128))
-    logger.info(f"{output}: matches the eager model on a 192x128 input (max |difference| {worst:.2e})")
     meta_file = metadata_path(output)
     text = json.dumps(export_metadata(cfg, module, class_names), indent=2) + "\n"
-    _write_atomic(meta_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def write_checked(tmp: str) -> None:
+        """Export to the temporary name and check it there: a failed check leaves no model file."""
+        trace_input = example_input(divisor, 256, 320)
+        if fmt == "onnx":
+            export_onnx(module, trace_input, tmp, opset)
+        else:
+            export_torchscript(module, trace_input, tmp)
+        worst = check_export(fmt, Path(tmp), module, example_input(divisor, 192, 128))
+        logger.info(f"{output}: matches the eager model on a 192x128 input (max |difference| {worst:.2e})")
+        _write_atomic(meta_file, lambda meta_tmp: Path(meta_tmp).write_text(text, encoding="utf-8"))
+
+    _write_atomic(output, write_checked)
     return meta_file
 
 

@@ -164,3 +164,12 @@ def test_bad_metadata_names_the_file_and_field(tmp_path):
     path.write_text(json.dumps({"format": post.METADATA_FORMAT, "version": 99}))
     with pytest.raises(ValueError, match="field 'version' is 99"):
         post.load_metadata(path)
+
+
+def test_failed_check_leaves_no_files(setup, tmp_path, monkeypatch):
+    """The export is checked under its temporary name: a mismatch writes neither model nor metadata."""
+    _, cfg, predictor, _ = setup
+    monkeypatch.setattr("fcos.export.CHECK_ATOL", -1.0)
+    with pytest.raises(RuntimeError, match="differs from the eager model"):
+        export_model(cfg, predictor.model, "torchscript", tmp_path / "m.ts")
+    assert list(tmp_path.iterdir()) == []
