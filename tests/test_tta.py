@@ -1,7 +1,6 @@
 """FCOS test-time augmentation (fcos/tta.py): flips undone exactly, merging + class-aware NMS, top-k."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from detectron2.modeling.test_time_augmentation import DatasetMapperTTA
