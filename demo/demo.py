@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 # `python demo/demo.py` puts demo/ on sys.path, not the repository root that holds `fcos` and `dataset`.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +31,7 @@ if str(REPO_ROOT) not in sys.path:
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import tqdm  # noqa: E402
+from detectron2.config import CfgNode  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.data.catalog import Metadata  # noqa: E402
 from detectron2.data.detection_utils import convert_image_to_rgb, read_image  # noqa: E402
@@ -51,6 +52,7 @@ READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def get_parser() -> argparse.ArgumentParser:
+    """detectron2's demo flags, plus ``--json`` and ``--ann_file``."""
     parser = argparse.ArgumentParser(description="FCOS demo: draw detections on images, a video or a webcam")
     parser.add_argument("--config-file", required=True, metavar="FILE", help="model config (e.g. OUTPUT_DIR/config.yaml)")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -171,7 +173,7 @@ def coco_results(instances: Instances, image_id: int, category_ids: Sequence[int
     ]
 
 
-def write_atomic(path: str, write) -> None:
+def write_atomic(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` on a temporary name beside ``path`` (same suffix), then rename it."""
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -186,6 +188,8 @@ def write_atomic(path: str, write) -> None:
 
 
 def save_image(path: str, image_rgb: np.ndarray) -> None:
+    """Write an RGB picture; the file type follows the suffix of ``path``."""
+
     def write(tmp: str) -> None:
         if not cv2.imwrite(tmp, np.ascontiguousarray(image_rgb[:, :, ::-1])):
             raise OSError(f"cannot write {path} (unknown image type?)")
@@ -196,7 +200,7 @@ def save_image(path: str, image_rgb: np.ndarray) -> None:
 class Demo:
     """The model, its class names and drawing, shared by the image, video and webcam paths."""
 
-    def __init__(self, cfg, names: Optional[List[str]], threshold: float) -> None:
+    def __init__(self, cfg: CfgNode, names: Optional[List[str]], threshold: float) -> None:
         self.cfg = cfg
         self.predictor = FCOSPredictor(cfg)
         self.threshold = threshold
@@ -212,11 +216,13 @@ class Demo:
         return instances[instances.scores >= self.threshold]
 
     def draw(self, image: np.ndarray, instances: Instances) -> np.ndarray:
+        """The image (``INPUT.FORMAT`` order) with boxes, class names and scores drawn; RGB."""
         rgb = convert_image_to_rgb(image, self.input_format)
         visualizer = Visualizer(rgb, self.metadata, instance_mode=ColorMode.IMAGE)
         return visualizer.draw_instance_predictions(instances).get_image()
 
     def frames_to_model_format(self, frame_bgr: np.ndarray) -> np.ndarray:
+        """OpenCV frames are BGR; the model wants ``INPUT.FORMAT``."""
         return frame_bgr[:, :, ::-1] if self.input_format == "RGB" else frame_bgr
 
 
@@ -253,6 +259,7 @@ def run_images(demo: Demo, inputs: InputList, destinations: Dict[str, str], ids:
 
 
 def _frames(capture: cv2.VideoCapture) -> Iterator[np.ndarray]:
+    """The frames of an open capture until it ends."""
     while True:
         ok, frame = capture.read()
         if not ok:
@@ -261,6 +268,7 @@ def _frames(capture: cv2.VideoCapture) -> Iterator[np.ndarray]:
 
 
 def _draw_frame(demo: Demo, visualizer: VideoVisualizer, frame_bgr: np.ndarray) -> Tuple[np.ndarray, int]:
+    """(the BGR frame with detections drawn, the number of detections)."""
     instances = demo.detect(demo.frames_to_model_format(frame_bgr))
     drawn = visualizer.draw_instance_predictions(frame_bgr[:, :, ::-1], instances).get_image()
     return np.ascontiguousarray(drawn[:, :, ::-1]), len(instances)
@@ -325,6 +333,7 @@ def run_webcam(demo: Demo) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit status: 0 when every input was processed, 1 when some failed, 2 for a setup error."""
     parser = get_parser()
     args = parser.parse_args(argv)
     setup_logger(name="fvcore")
