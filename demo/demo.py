@@ -1,8 +1,8 @@
 """FCOS demo: detect objects in images, a video or a webcam stream, draw them, optionally save COCO JSON.
 
-    python demo/demo.py --config-file output/shapes/config.yaml \
+    python demo/demo.py --config-file output/fcos_shapes/config.yaml \
         --input datasets/generated/shapes/val --output output/demo \
-        --opts MODEL.WEIGHTS output/shapes/model_final.pth
+        --opts MODEL.WEIGHTS output/fcos_shapes/model_final.pth
 
 ``--input`` takes files, folders (their images, sorted) and quoted glob patterns, in any mix. An input
 that is missing or cannot be read is reported by name and skipped; the run still processes the others
