@@ -3,8 +3,8 @@
     python -m fcos.export --config-file output/fcos_shapes/config.yaml --format onnx \
         --output output/export/fcos_shapes.onnx --opts MODEL.WEIGHTS output/fcos_shapes/model_final.pth
 
-writes ``output/export/fcos_shapes.onnx`` and ``output/export/fcos_shapes.onnx.json``. The graph takes one float32 batch
-(N, 3, H, W) of raw pixel values in ``INPUT.FORMAT`` channel order (H and W: any multiple of the
+writes ``output/export/fcos_shapes.onnx`` and ``output/export/fcos_shapes.onnx.json``. The graph takes
+one float32 batch (N, 3, H, W) of raw pixel values in ``INPUT.FORMAT`` channel order (H and W: any multiple of the
 backbone's size divisibility, 32 for FPN), normalises it, runs backbone, FPN and head, and returns the head
 maps of every level: ``logits_<level>`` (N, K, H/s, W/s), ``box_reg_<level>`` (N, 4, H/s, W/s) distances in
 input pixels, ``centerness_<level>`` (N, 1, H/s, W/s). Turning them into boxes (threshold, top-k, NMS,
