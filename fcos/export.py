@@ -4,12 +4,12 @@
         --output output/export/fcos_shapes.onnx --opts MODEL.WEIGHTS output/fcos_shapes/model_final.pth
 
 writes ``output/export/fcos_shapes.onnx`` and ``output/export/fcos_shapes.onnx.json``. The graph takes
-one float32 batch (N, 3, H, W) of raw pixel values in ``INPUT.FORMAT`` channel order (H and W: any multiple of the
-backbone's size divisibility, 32 for FPN), normalises it, runs backbone, FPN and head, and returns the head
-maps of every level: ``logits_<level>`` (N, K, H/s, W/s), ``box_reg_<level>`` (N, 4, H/s, W/s) distances in
-input pixels, ``centerness_<level>`` (N, 1, H/s, W/s). Turning them into boxes (threshold, top-k, NMS,
-rescaling) is ``fcos.export_postprocess`` (numpy + Pillow only; its docstring says why decoding stays
-out of the graph); the JSON holds the settings it needs.
+one float32 batch (N, 3, H, W) of raw pixel values in ``INPUT.FORMAT`` channel order (H and W: any
+multiple of the backbone's size divisibility, 32 for FPN), normalises it, runs backbone, FPN and head,
+and returns the head maps of every level: ``logits_<level>`` (N, K, H/s, W/s), ``box_reg_<level>``
+(N, 4, H/s, W/s) distances in input pixels, ``centerness_<level>`` (N, 1, H/s, W/s). Turning them into
+boxes (threshold, top-k, NMS, rescaling) is ``fcos.export_postprocess`` (numpy + Pillow only; its
+docstring says why decoding stays out of the graph); the JSON holds the settings it needs.
 
 GroupNorm (the head's default norm, and the backbone's in the embedded config) exports through the
 TorchScript-based ONNX exporter as InstanceNormalization plus a per-channel affine, which every
