@@ -11,11 +11,12 @@ and returns the head maps of every level: ``logits_<level>`` (N, K, H/s, W/s), `
 boxes (threshold, top-k, NMS, rescaling) is ``fcos.export_postprocess`` (numpy + Pillow only; its
 docstring says why decoding stays out of the graph); the JSON holds the settings it needs.
 
-GroupNorm (the head's default norm, and the backbone's in the embedded config) exports through the
+GroupNorm (the head's default norm; ``MODEL.RESNETS.NORM: GN`` for the backbone) exports through the
 TorchScript-based ONNX exporter as InstanceNormalization plus a per-channel affine, which every
 onnxruntime version runs; opset 17 is the default. That exporter needs no extra package (the newer
-``dynamo`` exporter needs ``onnxscript``) and keeps height and width dynamic. After writing, the export is
-run once on an image of another size than the traced one and compared with the eager model.
+``dynamo`` exporter needs ``onnxscript``) and keeps height and width dynamic. Before the file is put in
+place, the export is run on an input of another size than the traced one and compared with the eager
+model; a mismatch leaves no file behind.
 """
 from __future__ import annotations
 
