@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import OrderedDict
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import torch
 from detectron2.config import CfgNode
@@ -109,6 +109,23 @@ class FCOSTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Iteration, hook states (LR scheduler) and, unlike detectron2 0.6, the optimizer state.
+
+        detectron2 0.6's DefaultTrainer saves only the iteration and hooks, so ``--resume`` restarted
+        AdamW's moments (or SGD's momentum) from zero.
+        """
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("The checkpoint has no optimizer state (written by plain detectron2?): it starts fresh")
 
     def build_hooks(self) -> List[hooks.HookBase]:
         ret = super().build_hooks()

@@ -1,0 +1,95 @@
+"""NORM_SYNC and SyncBN across processes (gloo on CPU): 2 processes x 1 image must give the losses of
+1 process x 2 images, and the test shows that without them they do not."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.utils import comm
+
+from train_helpers import SHAPES_CONFIG, TINY_OPTS
+from model_utils import instances
+from training.config import get_fcos_cfg
+from training.launch import launch
+
+SIZE = 64
+
+
+def _build(head_norm: str) -> torch.nn.Module:
+    """Same weights in every process (seeded); FrozenBN backbone so only the head's norm sees the batch."""
+    cfg = get_fcos_cfg()
+    cfg.merge_from_file(str(SHAPES_CONFIG))
+    cfg.merge_from_list(TINY_OPTS)
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.FCOS.NUM_CLASSES", "3", "MODEL.RESNETS.NORM", "FrozenBN",
+                         "MODEL.FCOS.HEAD_NORM", head_norm, "MODEL.FCOS.NORM_SYNC", "True"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    return model
+
+
+def _inputs() -> List[Dict]:
+    """Two different images; the first has three boxes (many positives), the second one small box."""
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, SIZE, SIZE, generator=generator) * 255 * (i + 1) / 2 for i in range(2)]
+    return [
+        {"image": images[0], "instances": instances((SIZE, SIZE), [[2, 2, 30, 40], [20, 8, 62, 60], [40, 40, 56, 50]], [0, 1, 2])},
+        {"image": images[1], "instances": instances((SIZE, SIZE), [[10, 12, 24, 22]], [1])},
+    ]
+
+
+def _losses(model: torch.nn.Module, inputs: List[Dict]) -> Dict[str, float]:
+    return {k: float(v.detach()) for k, v in model(inputs).items()}
+
+
+def _loss_worker(result_file: str) -> None:
+    """Each process takes one image; rank 0 writes the mean over processes of every loss."""
+    rank = comm.get_rank()
+    results = {}
+    for head_norm in ("SyncBN", "BN"):
+        model = _build(head_norm)
+        for norm_sync in (True, False):
+            model.norm_sync = norm_sync
+            gathered = comm.all_gather(_losses(model, _inputs()[rank : rank + 1]))
+            results[f"{head_norm}/{norm_sync}"] = {k: sum(g[k] for g in gathered) / len(gathered) for k in gathered[0]}
+    if rank == 0:
+        Path(result_file).write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def two_process_losses(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Dict[str, float]]:
+    result_file = tmp_path_factory.mktemp("ddp") / "losses.json"
+    launch(_loss_worker, 2, dist_url="auto", args=(str(result_file),))
+    return json.loads(result_file.read_text())
+
+
+@pytest.fixture(scope="module")
+def one_process_losses() -> Dict[str, float]:
+    # One process: SyncBN is plain BN over the two images, NORM_SYNC a no-op.
+    return _losses(_build("SyncBN"), _inputs())
+
+
+@pytest.mark.slow
+def test_norm_sync_and_syncbn_match_one_process(two_process_losses, one_process_losses) -> None:
+    synced = two_process_losses["SyncBN/True"]
+    assert synced.keys() == one_process_losses.keys() == {"loss_cls", "loss_box_reg", "loss_centerness"}
+    for key, value in one_process_losses.items():
+        assert synced[key] == pytest.approx(value, rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_without_norm_sync_the_losses_differ(two_process_losses, one_process_losses) -> None:
+    # Each process divides by its own positive count (many vs. few), so the mean is not the batch loss.
+    unsynced = two_process_losses["SyncBN/False"]
+    assert unsynced["loss_cls"] != pytest.approx(one_process_losses["loss_cls"], rel=1e-2)
+
+
+@pytest.mark.slow
+def test_plain_bn_head_differs_across_processes(two_process_losses, one_process_losses) -> None:
+    # Per-process BN statistics of one image each differ from the statistics of both images.
+    per_process_bn = two_process_losses["BN/True"]
+    assert any(per_process_bn[k] != pytest.approx(v, rel=1e-3) for k, v in one_process_losses.items())
