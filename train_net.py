@@ -39,6 +39,7 @@ from training.datasets import (
     use_custom_datasets,
     uses_shapes,
 )
+from training.curves import archive_previous_metrics
 from training.evaluation import format_ap_table
 from training.hooks import NonFiniteLossError
 from training.launch import launch
@@ -156,6 +157,11 @@ def evaluate(cfg: CfgNode, args: argparse.Namespace) -> Dict[str, object]:
 
 def train(cfg: CfgNode, args: argparse.Namespace) -> Dict[str, object]:
     """Train (resuming with ``--resume``); returns the final evaluation's results."""
+    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if comm.is_main_process() and not resuming:
+        archived = archive_previous_metrics(cfg.OUTPUT_DIR)
+        if archived is not None:
+            logger.info(f"New run in {cfg.OUTPUT_DIR}: the previous run's metrics.json is now {archived.name}")
     trainer = FCOSTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     tta_results: Dict[str, object] = {}

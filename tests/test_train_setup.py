@@ -28,7 +28,7 @@ from train_helpers import (
 )
 from training import evaluation, launch
 from training.config import SetupError, get_fcos_cfg
-from training.curves import plot_training_curves, read_metrics
+from training.curves import archive_previous_metrics, plot_training_curves, read_metrics
 from training.datasets import drop_degenerate_boxes, use_custom_datasets
 from training.hooks import FiniteLossTrainer, NonFiniteLossError
 from training.trainer import FCOSTrainer, build_optimizer, unused_backbone_levels
@@ -300,6 +300,16 @@ def test_training_curves_from_metrics_json(tmp_path: Path) -> None:
     metrics.write_text(json.dumps({"iteration": 0, "data_time": 0.1}) + "\n")
     assert plot_training_curves(metrics, tmp_path / "none.png") is False
     assert not (tmp_path / "none.png").exists()
+
+
+def test_a_fresh_run_moves_the_previous_metrics_aside(tmp_path: Path) -> None:
+    assert archive_previous_metrics(tmp_path) is None
+    (tmp_path / "metrics.json").write_text('{"iteration": 0}\n')
+    archived = archive_previous_metrics(tmp_path)
+    assert archived is not None and archived.parent == tmp_path
+    assert archived.name.startswith("metrics.") and archived.name.endswith(".json")
+    assert archived.read_text() == '{"iteration": 0}\n'
+    assert not (tmp_path / "metrics.json").exists()
 
 
 # --- training loop ------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import matplotlib
 
@@ -40,6 +41,20 @@ def read_metrics(path: str | os.PathLike[str]) -> Dict[int, Dict[str, float]]:
                 {k: float(v) for k, v in entry.items() if isinstance(v, (int, float))}
             )
     return by_iter
+
+
+def archive_previous_metrics(output_dir: str | os.PathLike[str]) -> Optional[Path]:
+    """Rename an earlier run's ``metrics.json`` before a fresh (not resumed) run in the same folder.
+
+    detectron2's JSONWriter appends, so the new run's curve would otherwise mix in the old run's values.
+    Returns the new name of the old file, or None if there was none.
+    """
+    metrics = Path(output_dir) / "metrics.json"
+    if not metrics.is_file():
+        return None
+    archived = metrics.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.json")
+    os.replace(metrics, archived)
+    return archived
 
 
 def _series(by_iter: Dict[int, Dict[str, float]], keys: List[str]) -> Series:

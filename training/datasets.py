@@ -140,6 +140,7 @@ def prepare_shapes(cfg: CfgNode) -> None:
     """
     sc = cfg.DATASETS.SHAPES
     root = sc.ROOT or shapes.DEFAULT_ROOT
+    logger.info(f"Embedded shapes dataset in {root} (generated on first use, or when DATASETS.SHAPES changes)")
     shapes.ensure_shapes_dataset(root, sc.NUM_TRAIN, sc.NUM_VAL, tuple(sc.IMAGE_SIZE), sc.SEED)
     shapes.register_shapes_datasets(root)
 
