@@ -2,6 +2,9 @@
 
 Built on detectron2's ``DenseDetector`` (pre-processing, backbone -> head plumbing, post-processing to
 the requested output size); this class adds FCOS's grid points, target assignment, losses and decoding.
+
+CPU inference runs in channels-last (NHWC) memory format; training and other devices keep detectron2's
+NCHW arithmetic exactly. Module and parameter names are untouched (checkpoint contract).
 """
 from __future__ import annotations
 
@@ -109,6 +112,18 @@ class FCOS(DenseDetector):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
+
+    def preprocess_image(self, batched_inputs: List[Dict[str, Tensor]]) -> ImageList:
+        """detectron2's normalise-pad-batch; the batch is channels-last for CPU inference.
+
+        oneDNN runs NHWC convolutions, pooling and GroupNorm without reordering the maps, and the head's
+        (N, C, H, W) -> (N, H*W, C) transposes become free views. Training stays NCHW: on this CPU
+        stack the NHWC convolution backward is slower.
+        """
+        images = super().preprocess_image(batched_inputs)
+        if self.training or images.tensor.device.type != "cpu":
+            return images
+        return ImageList(images.tensor.contiguous(memory_format=torch.channels_last), images.image_sizes)
 
     def _points(self, features: Sequence[Tensor]) -> List[Tensor]:
         return grid_points([f.shape[-2:] for f in features], self.fpn_strides, self.grid_offset, features[0].device)
