@@ -18,19 +18,23 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
-import torch
-from detectron2.config import CfgNode
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks
-from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
+# fvcore's focal loss is a torch.jit.script function: torch 2.x warns at import, in every process.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
-from fcos import FCOSCheckpointer, FCOSConfigError
-from fcos.checkpoint import CheckpointMismatchError, missing_weights_message
-from training.config import SetupError, get_fcos_cfg
-from training.datasets import (
+import torch  # noqa: E402
+from detectron2.config import CfgNode  # noqa: E402
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks  # noqa: E402
+from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+
+from fcos import FCOSCheckpointer, FCOSConfigError  # noqa: E402
+from fcos.checkpoint import CheckpointMismatchError, missing_weights_message  # noqa: E402
+from training.config import SetupError, get_fcos_cfg  # noqa: E402
+from training.datasets import (  # noqa: E402
     check_datasets_exist,
     custom_datasets_from_args,
     num_classes_set_explicitly,
@@ -39,11 +43,11 @@ from training.datasets import (
     use_custom_datasets,
     uses_shapes,
 )
-from training.curves import archive_previous_metrics
-from training.evaluation import format_ap_table
-from training.hooks import NonFiniteLossError
-from training.launch import launch
-from training.trainer import FCOSTrainer
+from training.curves import archive_previous_metrics  # noqa: E402
+from training.evaluation import format_ap_table  # noqa: E402
+from training.hooks import NonFiniteLossError  # noqa: E402
+from training.launch import LaunchError, launch  # noqa: E402
+from training.trainer import FCOSTrainer  # noqa: E402
 
 logger = logging.getLogger("training.train_net")
 
@@ -85,12 +89,17 @@ def setup_config(args: argparse.Namespace, world_size: int) -> CfgNode:
     if not args.eval_only:
         check_datasets_exist(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
     check_datasets_exist(cfg.DATASETS.TEST, "DATASETS.TEST")
-    names: List[str] = list(cfg.DATASETS.TEST) + ([] if args.eval_only else list(cfg.DATASETS.TRAIN))
+    names: List[str] = ([] if args.eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST)
     resolve_num_classes(cfg, names, explicit=num_classes_set_explicitly(cfg, args.opts))
     _check_weights_exist(cfg, args.resume)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available: using the CPU")
         cfg.MODEL.DEVICE = "cpu"
+    reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
+    if reference and cfg.SOLVER.IMS_PER_BATCH % reference != 0:
+        raise SetupError(
+            f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by SOLVER.REFERENCE_WORLD_SIZE ({reference})"
+        )
     cfg = DefaultTrainer.auto_scale_workers(cfg, world_size)
     if cfg.SOLVER.IMS_PER_BATCH % world_size != 0:
         raise SetupError(
@@ -195,8 +204,11 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     world_size = args.num_gpus * args.num_machines
     try:
         cfg = setup_config(args, world_size)
-        launch(main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url, args=(cfg, args))
-    except (SetupError, FCOSConfigError, CheckpointMismatchError) as err:
+        launch(
+            main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url,
+            args=(cfg, args), device=cfg.MODEL.DEVICE,
+        )
+    except (SetupError, FCOSConfigError, CheckpointMismatchError, LaunchError) as err:
         print(f"train_net.py: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

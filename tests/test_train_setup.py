@@ -225,14 +225,16 @@ def test_sgd_is_detectron2s_and_unknown_optimizer_is_an_error() -> None:
         build_optimizer(cfg, _model())
 
 
-def test_backend_is_gloo_without_cuda_and_nccl_with_enough_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert launch.choose_backend(2) == "gloo"
+def test_backend_is_gloo_on_cpu_and_nccl_with_enough_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert launch.choose_backend(2) == "nccl"
-    with pytest.raises(ValueError, match="--num-gpus 4 but only 2 GPU"):
-        launch.choose_backend(4)
+    assert launch.choose_backend("cpu", 4) == "gloo"
+    assert launch.choose_backend("cuda", 2) == "nccl"
+    with pytest.raises(launch.LaunchError, match="--num-gpus 4 but only 2 GPU"):
+        launch.choose_backend("cuda", 4)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(launch.LaunchError, match="only 0 GPU"):
+        launch.choose_backend("cuda:0", 1)
 
 
 def test_lr_and_batch_scale_with_the_number_of_processes(tmp_path: Path) -> None:
@@ -243,8 +245,10 @@ def test_lr_and_batch_scale_with_the_number_of_processes(tmp_path: Path) -> None
     cfg = _setup(argv, world_size=2)
     assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER) == (16, 0.002, 50)
     assert cfg.SOLVER.STEPS == (40,)
-    with pytest.raises(SetupError, match=r"SOLVER.IMS_PER_BATCH \(3\) must be divisible .* \(2\)"):
+    with pytest.raises(SetupError, match=r"SOLVER.IMS_PER_BATCH \(3\) must be divisible by the number of processes \(2\)"):
         _setup(argv + ["SOLVER.IMS_PER_BATCH", "3", "SOLVER.REFERENCE_WORLD_SIZE", "0"], world_size=2)
+    with pytest.raises(SetupError, match=r"SOLVER.IMS_PER_BATCH \(6\) must be divisible by SOLVER.REFERENCE_WORLD_SIZE \(4\)"):
+        _setup(argv + ["SOLVER.IMS_PER_BATCH", "6", "SOLVER.REFERENCE_WORLD_SIZE", "4"], world_size=2)
 
 
 def test_unused_levels_are_found_only_for_a_backbone_that_builds_them() -> None:

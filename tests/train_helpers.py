@@ -32,6 +32,7 @@ TINY_OPTS: List[str] = [
     "INPUT.MIN_SIZE_TEST", str(TINY_SIZE),
     "INPUT.MAX_SIZE_TEST", str(TINY_SIZE),
     "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.REFERENCE_WORLD_SIZE", "0",
     "SOLVER.WARMUP_ITERS", "2",
     "SOLVER.STEPS", "()",
     "DATALOADER.NUM_WORKERS", "0",
@@ -46,6 +47,24 @@ def tiny_shapes_opts(root: Path, num_train: int = 8, num_val: int = 4) -> List[s
         "DATASETS.SHAPES.NUM_VAL", str(num_val),
         "DATASETS.SHAPES.IMAGE_SIZE", f"({TINY_SIZE}, {TINY_SIZE})",
     ]
+
+
+def shapes_run(tmp_path: Path, out: Path, *opts: str, flags: Sequence[str] = ()) -> List[str]:
+    """train_net.py arguments for the tiny embedded job: ``flags`` (e.g. --eval-only) before the config ``opts``."""
+    return ["--config-file", str(SHAPES_CONFIG), *flags, *TINY_OPTS, *tiny_shapes_opts(tmp_path / "shapes"),
+            "OUTPUT_DIR", str(out), *opts]
+
+
+def ap_rows(output: str) -> Dict[str, List[str]]:
+    """Rows of the final AP table that train_net.py prints: label -> [AP, AP50, AP75, APs, APm, APl]."""
+    table = output[output.rindex("Box AP on"):]
+    rows = {}
+    for line in table.splitlines()[3:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 7:
+            break
+        rows[cells[0]] = cells[1:]
+    return rows
 
 
 def write_image(path: Path, width: int = TINY_SIZE, height: int = TINY_SIZE, seed: int = 0) -> None:

@@ -21,14 +21,22 @@ from detectron2.utils import comm
 logger = logging.getLogger(__name__)
 
 
-def choose_backend(processes_per_machine: int) -> str:
-    """"nccl" with one GPU per process, "gloo" without CUDA; too few GPUs is an error, not a silent CPU run."""
-    if not torch.cuda.is_available():
+class LaunchError(ValueError):
+    """A process layout that cannot start (too few GPUs, "auto" URL across machines...)."""
+
+
+def choose_backend(device: str, processes_per_machine: int) -> str:
+    """"nccl" for a CUDA ``MODEL.DEVICE`` (one GPU per process), "gloo" for the CPU.
+
+    Too few GPUs for a CUDA run is an error, not a silent CPU run.
+    """
+    if not device.startswith("cuda"):
         return "gloo"
-    available = torch.cuda.device_count()
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if processes_per_machine > available:
-        raise ValueError(
-            f"--num-gpus {processes_per_machine} but only {available} GPU(s) are visible on this machine"
+        raise LaunchError(
+            f"--num-gpus {processes_per_machine} but only {available} GPU(s) are visible on this machine; "
+            "set MODEL.DEVICE cpu to run that many gloo processes on the CPU"
         )
     return "nccl"
 
@@ -41,23 +49,25 @@ def launch(
     dist_url: str | None = None,
     args: Sequence[Any] = (),
     timeout: timedelta = DEFAULT_TIMEOUT,
+    device: str = "cuda",
 ) -> None:
     """Run ``main_func(*args)`` in ``num_gpus_per_machine`` processes on each of ``num_machines`` machines.
 
     With a world size of 1 it is a plain call in this process. ``dist_url`` is a torch.distributed init
-    URL (``tcp://host:port``); "auto" picks a free local port (single machine only).
+    URL (``tcp://host:port``); "auto" picks a free local port (single machine only). ``device`` is the
+    config's ``MODEL.DEVICE``: it decides between NCCL (cuda) and gloo (cpu).
     """
     if num_gpus_per_machine < 1 or num_machines < 1:
-        raise ValueError(f"--num-gpus ({num_gpus_per_machine}) and --num-machines ({num_machines}) must be >= 1")
+        raise LaunchError(f"--num-gpus ({num_gpus_per_machine}) and --num-machines ({num_machines}) must be >= 1")
     world_size = num_machines * num_gpus_per_machine
     if world_size == 1:
         main_func(*args)
         return
     if dist_url == "auto":
         if num_machines != 1:
-            raise ValueError("--dist-url auto only works on one machine; give tcp://<machine 0 address>:<port>")
+            raise LaunchError("--dist-url auto only works on one machine; give tcp://<machine 0 address>:<port>")
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
-    backend = choose_backend(num_gpus_per_machine)
+    backend = choose_backend(device, num_gpus_per_machine)
     mp.spawn(
         _distributed_worker,
         nprocs=num_gpus_per_machine,
