@@ -32,13 +32,23 @@ class LastLevelP6(nn.Module):
 
 
 def _top_block(cfg: CfgNode, bottom_up_shapes: Dict[str, ShapeSpec]) -> Optional[nn.Module]:
-    """The P6/P7 block IN_FEATURES needs, fed by C5 or P5 as TOP_BLOCK_IN_FEATURE says; None if unused."""
+    """The P6/P7 block IN_FEATURES needs, fed by C5 or P5 as TOP_BLOCK_IN_FEATURE says; None if unused.
+
+    TOP_BLOCK_IN_FEATURE is only read when a top block is built, so a backbone cut before res5 needs no switch.
+    """
     in_features = cfg.MODEL.FCOS.IN_FEATURES
+    if "p6" not in in_features and "p7" not in in_features:
+        return None
     in_feature = cfg.MODEL.FCOS.TOP_BLOCK_IN_FEATURE
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     if in_feature == "p5":
         in_channels = out_channels
     elif in_feature == "res5":
+        if "res5" not in bottom_up_shapes:
+            raise ValueError(
+                "MODEL.FCOS.TOP_BLOCK_IN_FEATURE: 'res5' feeds P6/P7 but MODEL.RESNETS.OUT_FEATURES "
+                f"{sorted(bottom_up_shapes)} has no res5; add it, or use 'p5'"
+            )
         in_channels = bottom_up_shapes["res5"].channels
     else:
         raise ValueError(
@@ -46,20 +56,13 @@ def _top_block(cfg: CfgNode, bottom_up_shapes: Dict[str, ShapeSpec]) -> Optional
         )
     if "p7" in in_features:
         return LastLevelP6P7(in_channels, out_channels, in_feature=in_feature)
-    if "p6" in in_features:
-        return LastLevelP6(in_channels, out_channels, in_feature=in_feature)
-    return None
+    return LastLevelP6(in_channels, out_channels, in_feature=in_feature)
 
 
 @BACKBONE_REGISTRY.register()
 def build_fcos_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
     """ResNet + FPN whose P6/P7 exist only if ``MODEL.FCOS.IN_FEATURES`` asks for them."""
     bottom_up = build_resnet_backbone(cfg, input_shape)
-    if cfg.MODEL.FCOS.TOP_BLOCK_IN_FEATURE == "res5" and "res5" not in bottom_up.output_shape():
-        raise ValueError(
-            "MODEL.FCOS.TOP_BLOCK_IN_FEATURE: 'res5' needs MODEL.RESNETS.OUT_FEATURES to include res5 "
-            f"(it is {cfg.MODEL.RESNETS.OUT_FEATURES})"
-        )
     return FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
