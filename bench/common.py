@@ -81,6 +81,16 @@ def random_instances(image_size: Tuple[int, int], num_boxes: int, seed: int, num
     return instances
 
 
+def inference_call(model: nn.Module, inputs: List[Dict[str, Any]]) -> Callable[[], None]:
+    """A no-argument callable running ``model(inputs)`` under ``torch.inference_mode`` (for timing)."""
+
+    def call() -> None:
+        with torch.inference_mode():
+            model(inputs)
+
+    return call
+
+
 def interleaved_times(
     runs: Dict[str, Callable[[], Any]], *, warmup: int, repeats: int
 ) -> Dict[str, Dict[str, List[float]]]:
@@ -122,7 +132,8 @@ def machine_info(threads: int) -> Dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        lines = cpuinfo.read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         cpu = names[0] if names else cpu
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False

@@ -1,0 +1,184 @@
+"""Run every benchmark (each in its own process) and write ``bench/RESULTS.md``.
+
+    .venv/bin/python -m bench.run_all [--threads 1] [--quick] [--output bench/RESULTS.md]
+
+Takes about 25 minutes with one thread on an idle 2-core machine (the 800x1333 training steps dominate);
+``--quick`` runs fewer repetitions and only the small training size (a smoke run, not for the README).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .common import REPO, machine_info
+
+# Run after inference, which runs once per thread count (NHWC's gain differs with the thread count).
+OTHER_BENCHMARKS = ("train_step", "assign", "flops")
+
+
+def bench_args(name: str, quick: bool) -> List[str]:
+    """Per-benchmark repetitions: enough for a stable median on a shared host, or a smoke run."""
+    if name == "inference":
+        return ["--warmup", "1", "--repeats", "3"] if quick else ["--warmup", "2", "--repeats", "10"]
+    if name == "train_step":
+        return ["--sizes", "512x853", "--repeats", "2"] if quick else ["--repeats", "5"]
+    if name == "assign":
+        return ["--repeats", "1"] if quick else ["--repeats", "3"]
+    return ["--repeats", "1"] if quick else ["--repeats", "3"]
+
+
+def run_benchmark(name: str, threads: int, quick: bool, out_dir: Path) -> Dict:
+    path = out_dir / f"{name}-{threads}.json"
+    command = [sys.executable, "-m", f"bench.{name}", "--threads", str(threads), "--json", str(path)]
+    print(f"==> {' '.join(command[1:] + bench_args(name, quick))}", flush=True)
+    done = subprocess.run(command + bench_args(name, quick), cwd=REPO, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"bench.run_all: bench.{name} failed with exit code {done.returncode}")
+    return json.loads(path.read_text())
+
+
+def _spread(stats: Dict) -> str:
+    return f"{stats['median']:.2f} ({stats['min']:.2f}–{stats['max']:.2f})"
+
+
+def inference_table(results: Sequence[Dict]) -> List[str]:
+    lines = [
+        "| threads | model | wall s, median (min–max) | CPU s, median (min–max) |",
+        "|---|---|---|---|",
+    ]
+    for result in results:
+        wall, cpu, threads = result["wall"], result["cpu"], result["machine"]["torch_threads"]
+        lines += [
+            f"| {threads} | ours (`configs/fcos_R_50_FPN.yaml`) | {_spread(wall['ours'])} | {_spread(cpu['ours'])} |",
+            f"| {threads} | detectron2 0.6 FCOS | {_spread(wall['peer'])} | {_spread(cpu['peer'])} |",
+            f"| {threads} | **ours / detectron2 (medians)** | **{result['ratio_wall_median']:.3f}** | "
+            f"**{result['ratio_cpu_median']:.3f}** |",
+        ]
+    return lines
+
+
+def train_table(result: Dict) -> List[str]:
+    lines = [
+        "| input | ours wall s | detectron2 wall s | ours CPU s | detectron2 CPU s | ratio wall | ratio CPU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for entry in result["sizes"]:
+        wall, cpu = entry["wall"], entry["cpu"]
+        lines.append(
+            f"| {entry['size'][0]}×{entry['size'][1]} | {_spread(wall['ours'])} | {_spread(wall['peer'])} | "
+            f"{_spread(cpu['ours'])} | {_spread(cpu['peer'])} | **{entry['ratio_wall_median']:.3f}** | "
+            f"**{entry['ratio_cpu_median']:.3f}** |"
+        )
+    return lines
+
+
+def assign_table(result: Dict) -> List[str]:
+    by_mode: Dict[str, Dict[int, Dict]] = {}
+    for case in result["cases"]:
+        by_mode.setdefault(case["mode"], {})[case["boxes"]] = case
+    chunked, unchunked = by_mode.get("chunked", {}), by_mode.get("unchunked", {})
+    lines = [
+        "| GT boxes | foreground points | time ms, median (min) | peak memory MiB | unchunked time ms "
+        "| unchunked peak MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for boxes in sorted(chunked):
+        case, dense = chunked[boxes], unchunked.get(boxes)
+        dense_cells = (
+            f"{dense['seconds']['median'] * 1000:.0f} | {dense['peak_mib']:.0f}" if dense else "– | –"
+        )
+        lines.append(
+            f"| {boxes} | {case['foreground']} | {case['seconds']['median'] * 1000:.1f} "
+            f"({case['seconds']['min'] * 1000:.1f}) | {case['peak_mib']:.0f} | {dense_cells} |"
+        )
+    return lines
+
+
+def flops_table(result: Dict) -> List[str]:
+    peak = result["matmul_peak_gflops"]
+    names = {"ours": "ours", "peer": "detectron2 0.6 FCOS"}
+    lines = [
+        "| model | GMACs (fvcore) | best inference CPU s | achieved GFLOP/s | of fp32 matmul peak |",
+        "|---|---|---|---|---|",
+    ]
+    for key, entry in result["models"].items():
+        lines.append(
+            f"| {names[key]} | {entry['gmacs']:.1f} | {entry['best_cpu_seconds']:.2f} | "
+            f"{entry['achieved_gflops']:.1f} | {100 * entry['fraction_of_peak']:.0f}% of {peak:.1f} GFLOP/s |"
+        )
+    return lines
+
+
+def report(results: Dict[str, Dict], threads: int, load_before: Optional[float], quick: bool) -> str:
+    machine = machine_info(threads)
+    load = f"{load_before:.2f} → {machine['load_average_1min']:.2f}" if load_before is not None else "n/a"
+    inference = results["inference"]
+    runs = inference[0]["wall"]["ours"]["runs"]
+    train_runs = results["train_step"]["sizes"][0]["wall"]["ours"]["runs"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `python -m bench.run_all{' --quick' if quick else ''}` on "
+        f"{datetime.date.today().isoformat()}, commit `{machine['commit']}`.",
+        "",
+        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs; Python {machine['python']}, "
+        f"torch {machine['torch']}; **{threads} torch thread(s) for every model**; 1-minute load average "
+        f"{load} (other jobs shared the host). Wall time is what a user waits; CPU time (this process only) "
+        "leaves out time the host gave the core to other jobs, so it is the steadier comparison here. Runs "
+        "of the two models alternate (A B A B …) after warm-up. Both models use random weights (no "
+        "download possible); see `bench/inference.py` for how the decoding load is equalised.",
+        "",
+        f"## Inference: R-50-FPN, 800×1333, batch 1, `torch.inference_mode` ({runs} runs each)",
+        "",
+        "With more than one thread on a busy host, a thread that loses its core stalls the other one, so "
+        "wall times spread widely; the 1-thread rows are the reference.",
+        "",
+        *inference_table(inference),
+        "",
+        f"## Training step: batch 2, forward + backward + SGD step ({train_runs} runs each)",
+        "",
+        *train_table(results["train_step"]),
+        "",
+        "## Target assignment: one 800×1333 image, default config (center sampling 1.5)",
+        "",
+        "Peak memory is the growth of the process's peak resident memory during the first assignment, one "
+        "fresh process per case; *unchunked* puts every GT box in one chunk (the reference's dense "
+        "points × GT tensors).",
+        "",
+        *assign_table(results["assign"]),
+        "",
+        "## Model FLOPs and achieved throughput (800×1344 padded input)",
+        "",
+        *flops_table(results["flops"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every benchmark (default 1)")
+    parser.add_argument("--quick", action="store_true", help="few repetitions, small training size only")
+    parser.add_argument("--output", type=Path, default=REPO / "bench" / "RESULTS.md")
+    args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    inference_threads = sorted({args.threads, os.cpu_count() or args.threads})
+    with tempfile.TemporaryDirectory(prefix="fcos-bench-") as tmp:
+        results: Dict = {"inference": [run_benchmark("inference", n, args.quick, Path(tmp)) for n in inference_threads]}
+        results.update({name: run_benchmark(name, args.threads, args.quick, Path(tmp)) for name in OTHER_BENCHMARKS})
+    text = report(results, args.threads, load_before, args.quick)
+    tmp_output = args.output.with_name(args.output.name + ".tmp")
+    tmp_output.write_text(text, encoding="utf-8")
+    os.replace(tmp_output, args.output)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
