@@ -63,7 +63,7 @@ def _loss_worker(result_file: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_losses(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Dict[str, float]]:
     result_file = tmp_path_factory.mktemp("ddp") / "losses.json"
-    launch(_loss_worker, 2, dist_url="auto", args=(str(result_file),))
+    launch(_loss_worker, 2, dist_url="auto", args=(str(result_file),), device="cpu")
     return json.loads(result_file.read_text())
 
 

@@ -93,7 +93,7 @@ def test_resume_after_kill_9_continues_iteration_lr_and_optimizer_state(tmp_path
     # A checkpoint every iteration, so the kill is likely to land during a save. Warmup spans the whole
     # run (detectron2 caps it at MAX_ITER): lr(i) = base * (0.001 * (1 - i / max_iter) + i / max_iter).
     opts = ["SOLVER.CHECKPOINT_PERIOD", "1", "DATASETS.TEST", "()", "SOLVER.WARMUP_ITERS", "1000",
-            "SOLVER.MAX_ITER", str(max_iter)]
+            "SOLVER.MAX_ITER", str(max_iter), "SOLVER.BASE_LR", "0.001"]
     proc = subprocess.Popen(
         [sys.executable, str(TRAIN_NET), *shapes_run(tmp_path, out, *opts)],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
