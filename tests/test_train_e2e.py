@@ -3,6 +3,7 @@
 Multi-process runs and resume are in test_train_multiprocess.py."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,10 @@ from train_helpers import REPO, SHAPES_CONFIG, TINY_OPTS, ap_rows, run_train_net
 @pytest.mark.slow
 def test_embedded_job_trains_checkpoints_and_evaluates(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    trained = run_train_net(shapes_run(tmp_path, out, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2"))
+    # A low score threshold so that the 4-iteration model still outputs detections to compare.
+    low_thresh = ["MODEL.FCOS.SCORE_THRESH_TEST", "0.001"]
+    trained = run_train_net(shapes_run(tmp_path, out, *low_thresh, "SOLVER.MAX_ITER", "4",
+                                       "SOLVER.CHECKPOINT_PERIOD", "2"))
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     names = {p.name for p in out.iterdir()}
     assert {"config.yaml", "config_my.yaml", "log.txt", "metrics.json", "training_curves.png",
@@ -25,12 +29,23 @@ def test_embedded_job_trains_checkpoints_and_evaluates(tmp_path: Path) -> None:
     train_rows = ap_rows(trained.stdout)
     assert list(train_rows) == ["bbox"]
     assert "Box AP on ['shapes_val']" in (out / "log.txt").read_text()
+    train_detections = json.loads((out / "inference" / "coco_instances_results.json").read_text())
+    assert len(train_detections) > 0
 
-    evaluated = run_train_net(shapes_run(tmp_path, tmp_path / "eval", "MODEL.WEIGHTS", str(out / "model_final.pth"),
-                                          flags=["--eval-only"]))
+    weights = ["MODEL.WEIGHTS", str(out / "model_final.pth")]
+    evaluated = run_train_net(shapes_run(tmp_path, tmp_path / "eval", *low_thresh, *weights, flags=["--eval-only"]))
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    # Same weights, same images, deterministic inference: the same table as after training.
+    # Same weights, same images, deterministic inference: the same detections and table as after training.
+    assert json.loads((tmp_path / "eval" / "inference" / "coco_instances_results.json").read_text()) == train_detections
     assert ap_rows(evaluated.stdout) == train_rows
+
+    tta = run_train_net(shapes_run(tmp_path, tmp_path / "tta", *low_thresh, *weights, "TEST.AUG.ENABLED", "True",
+                                   "TEST.AUG.MIN_SIZES", "(64, 96)", "TEST.AUG.MAX_SIZE", "96",
+                                   flags=["--eval-only"]))
+    assert tta.returncode == 0, tta.stderr[-3000:]
+    rows = ap_rows(tta.stdout)
+    assert list(rows) == ["bbox", "bbox_TTA"] and rows["bbox"] == train_rows["bbox"]
+    assert (tmp_path / "tta" / "inference_TTA" / "coco_instances_results.json").is_file()
 
 
 @pytest.mark.slow
