@@ -44,21 +44,18 @@ def select_candidates(
     return point_idx, class_idx, torch.sqrt(prob * ctr)
 
 
-def decode_single_image(
+def image_candidates(
     logits: List[Tensor],
     deltas: List[Tensor],
     centerness: List[Tensor],
     points: List[Tensor],
-    image_size: Tuple[int, int],
     *,
     score_thresh: float,
     topk: int,
     topk_first: bool,
-    nms_thresh: float,
-    max_detections: int,
     box_weights: Sequence[float],
-) -> Instances:
-    """Per-level candidates, decoded boxes, class-aware NMS, top ``max_detections`` by score.
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Pre-NMS candidates of one image over all levels: boxes (N, 4), scores (N,), classes (N,).
 
     Args:
         logits/deltas/centerness/points: one tensor per level, (H*W, K) / (H*W, 4) / (H*W,) / (H*W, 2).
@@ -71,6 +68,18 @@ def decode_single_image(
         boxes_all.append(decode_boxes(deltas_l[point_idx], points_l[point_idx], box_weights))
         scores_all.append(scores)
         classes_all.append(class_idx)
-    boxes, scores, classes = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(classes_all)
+    return torch.cat(boxes_all), torch.cat(scores_all), torch.cat(classes_all)
+
+
+def select_detections(
+    boxes: Tensor,
+    scores: Tensor,
+    classes: Tensor,
+    image_size: Tuple[int, int],
+    *,
+    nms_thresh: float,
+    max_detections: int,
+) -> Instances:
+    """Class-aware NMS over candidates, then the top ``max_detections`` by score."""
     keep = batched_nms(boxes, scores, classes, nms_thresh)[:max_detections]
     return Instances(image_size, pred_boxes=Boxes(boxes[keep]), scores=scores[keep], pred_classes=classes[keep])

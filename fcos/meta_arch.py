@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .config import validate_fcos_config
 from .head import FCOSHead
-from .inference import decode_single_image
+from .inference import image_candidates, select_detections
 from .losses import fcos_losses
 from .targets import FCOSTargetAssigner, grid_points
 
@@ -194,27 +194,44 @@ class FCOS(DenseDetector):
             norm_sync=self.norm_sync,
         )
 
+    def candidates(
+        self,
+        images: ImageList,
+        features: List[Tensor],
+        predictions: Tuple[List[Tensor], List[Tensor], List[Tensor]],
+    ) -> List[Tuple[Tensor, Tensor, Tensor]]:
+        """Pre-NMS (boxes, scores, classes) per image, boxes in network-input pixels.
+
+        Public so that test-time augmentation can merge the candidates of several inputs before one NMS.
+        """
+        points = self._points(features)
+        logits, deltas, centerness = self._flat_predictions(predictions)
+        return [
+            image_candidates(
+                [x[i] for x in logits],
+                [x[i] for x in deltas],
+                [x[i].reshape(-1) for x in centerness],
+                points,
+                score_thresh=self.score_thresh_test,
+                topk=self.topk_candidates_test,
+                topk_first=self.inference_topk_first,
+                box_weights=self.box_reg_weights,
+            )
+            for i in range(len(images))
+        ]
+
     def forward_inference(
         self,
         images: ImageList,
         features: List[Tensor],
         predictions: Tuple[List[Tensor], List[Tensor], List[Tensor]],
     ) -> List[Instances]:
-        points = self._points(features)
-        logits, deltas, centerness = self._flat_predictions(predictions)
         return [
-            decode_single_image(
-                [x[i] for x in logits],
-                [x[i] for x in deltas],
-                [x[i].reshape(-1) for x in centerness],
-                points,
+            select_detections(
+                *candidates,
                 tuple(image_size),
-                score_thresh=self.score_thresh_test,
-                topk=self.topk_candidates_test,
-                topk_first=self.inference_topk_first,
                 nms_thresh=self.nms_thresh_test,
                 max_detections=self.max_detections_per_image,
-                box_weights=self.box_reg_weights,
             )
-            for i, image_size in enumerate(images.image_sizes)
+            for candidates, image_size in zip(self.candidates(images, features, predictions), images.image_sizes)
         ]

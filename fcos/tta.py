@@ -28,9 +28,7 @@ from detectron2.structures import Boxes, Instances
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .inference import decode_boxes, select_candidates
 from .meta_arch import FCOS
-from .targets import grid_points
 
 
 class FCOSWithTTA(nn.Module):
@@ -95,24 +93,6 @@ class FCOSWithTTA(nn.Module):
         images = model.preprocess_image([augmented])
         features = model.backbone(images.tensor)
         features = [features[name] for name in model.head_in_features]
-        logits, box_reg, centerness = model.head(features)
-        points = grid_points(
-            [f.shape[-2:] for f in features], model.fpn_strides, model.grid_offset, images.tensor.device
-        )
-        boxes_all, scores_all, classes_all = [], [], []
-        for level, points_l in enumerate(points):
-            num_classes = logits[level].shape[1]
-            point_idx, class_idx, scores = select_candidates(
-                logits[level][0].reshape(num_classes, -1).T,
-                centerness[level][0].reshape(-1),
-                score_thresh=model.score_thresh_test,
-                topk=model.topk_candidates_test,
-                topk_first=model.inference_topk_first,
-            )
-            deltas = box_reg[level][0].reshape(4, -1).T[point_idx]
-            boxes_all.append(decode_boxes(deltas, points_l[point_idx], model.box_reg_weights))
-            scores_all.append(scores)
-            classes_all.append(class_idx)
-        boxes = torch.cat(boxes_all)
+        boxes, scores, classes = model.candidates(images, features, model.head(features))[0]
         original = augmented["transforms"].inverse().apply_box(boxes.cpu().numpy())
-        return torch.as_tensor(original, dtype=boxes.dtype, device=boxes.device), torch.cat(scores_all), torch.cat(classes_all)
+        return torch.as_tensor(original, dtype=boxes.dtype, device=boxes.device), scores, classes

@@ -91,8 +91,9 @@ def test_cli_writes_model_and_metadata(setup, tmp_path):
     assert code == 0
     meta = json.loads((tmp_path / "cli" / "fcos.onnx.json").read_text())
     assert meta["class_names"] == ["circle", "square", "triangle", "cross"]
-    assert meta["strides"] == [8, 16, 32] and meta["levels"] == ["p3", "p4", "p5"]
-    assert meta["output_names"][:3] == ["logits_p3", "box_reg_p3", "centerness_p3"]
+    levels = list(cfg.MODEL.FCOS.IN_FEATURES)
+    assert meta["strides"] == list(cfg.MODEL.FCOS.FPN_STRIDES) and meta["levels"] == levels
+    assert meta["output_names"] == [f"{kind}_{level}" for level in levels for kind in ("logits", "box_reg", "centerness")]
     assert [o.name for o in onnxruntime.InferenceSession(str(out)).get_outputs()] == meta["output_names"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["fcos.onnx", "fcos.onnx.json"]
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fcos.inference import decode_boxes, decode_single_image, select_candidates
+from fcos.inference import decode_boxes, image_candidates, select_candidates, select_detections
 
 
 def logit(p: float) -> float:
@@ -62,10 +62,10 @@ def _image(**kwargs):
     deltas = [torch.tensor([[10.0, 10, 10, 10], [10, 10, 11, 10], [5, 5, 5, 5]])]
     ctr = [torch.full((3,), 20.0)]  # sigmoid ~ 1
     points = [torch.tensor([[50.0, 50.0], [50.0, 50.0], [200.0, 200.0]])]
-    args = dict(score_thresh=0.05, topk=1000, topk_first=True, nms_thresh=0.6, max_detections=100,
-                box_weights=(1.0, 1.0, 1.0, 1.0))
-    args.update(kwargs)
-    return decode_single_image(logits, deltas, ctr, points, (300, 300), **args)
+    args = dict(score_thresh=0.05, topk=1000, topk_first=True, box_weights=(1.0, 1.0, 1.0, 1.0))
+    args.update({k: v for k, v in kwargs.items() if k in args})
+    candidates = image_candidates(logits, deltas, ctr, points, **args)
+    return select_detections(*candidates, (300, 300), nms_thresh=0.6, max_detections=kwargs.get("max_detections", 100))
 
 
 def test_nms_is_class_aware_and_keeps_top_detections():
