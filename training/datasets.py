@@ -112,11 +112,11 @@ def use_custom_datasets(
     Nothing changes when no custom dataset is given. A custom training set without a validation set
     disables evaluation: evaluating a custom model on the config's dataset (e.g. COCO) is meaningless.
     """
-    for dataset in (train, val):
-        if dataset is None:
-            continue
-        if check:
+    given = [d for d in (train, val) if d is not None]
+    if check:
+        for dataset in given:
             check_custom_dataset(dataset)
+    for dataset in given:
         register_custom_dataset(dataset)
     if train is not None:
         cfg.DATASETS.TRAIN = (train.name,)
@@ -127,9 +127,9 @@ def use_custom_datasets(
         cfg.DATASETS.TEST = (val.name,)
 
 
-def uses_shapes(cfg: CfgNode, prefix: str = "shapes") -> bool:
-    """Whether the config names the embedded dataset in DATASETS.TRAIN or DATASETS.TEST."""
-    names = {f"{prefix}_{split}" for split in shapes.SPLITS}
+def uses_shapes(cfg: CfgNode) -> bool:
+    """Whether the config names the embedded dataset (shapes_train/shapes_val) in DATASETS.TRAIN or TEST."""
+    names = {f"shapes_{split}" for split in shapes.SPLITS}
     return bool(names & set(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST))
 
 
