@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import OrderedDict
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterable, List
 
 import torch
 from detectron2.config import CfgNode
@@ -138,7 +138,8 @@ class FCOSTrainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
     @classmethod
-    def build_train_loader(cls, cfg: CfgNode):
+    def build_train_loader(cls, cfg: CfgNode) -> Iterable[List[dict]]:
+        """detectron2's loader over the training sets, minus boxes with no area inside their image."""
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
