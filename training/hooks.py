@@ -31,7 +31,7 @@ class FiniteLossMixin:
     iter: int
 
     def _write_metrics(self, loss_dict: Mapping[str, torch.Tensor], data_time: float, prefix: str = "") -> None:
-        bad = {k: float(v) for k, v in loss_dict.items() if not torch.isfinite(v).all()}
+        bad = {k: float(v.detach()) for k, v in loss_dict.items() if not torch.isfinite(v).all()}
         device = next(iter(loss_dict.values())).device
         flag = torch.tensor([1.0 if bad else 0.0], device=device)
         if comm.get_world_size() > 1:
