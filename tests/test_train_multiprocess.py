@@ -24,7 +24,6 @@ P3_P5_OPTS = [
     "MODEL.FCOS.IN_FEATURES", "['p3', 'p4', 'p5']",
     "MODEL.FCOS.FPN_STRIDES", "[8, 16, 32]",
     "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST", "[[-1, 16], [16, 32], [32, 100000]]",
-    "MODEL.FCOS.TOP_BLOCK_IN_FEATURE", "res5",
 ]
 
 

@@ -256,7 +256,7 @@ def test_unused_levels_are_found_only_for_a_backbone_that_builds_them() -> None:
     cfg = get_fcos_cfg()
     cfg.merge_from_file(str(SHAPES_CONFIG))
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.RESNETS.OUT_FEATURES", "['res3', 'res4', 'res5']",
-                         "MODEL.FPN.IN_FEATURES", "['res3', 'res4', 'res5']", "MODEL.FCOS.TOP_BLOCK_IN_FEATURE", "res5",
+                         "MODEL.FPN.IN_FEATURES", "['res3', 'res4', 'res5']",
                          "MODEL.FCOS.IN_FEATURES", "['p3', 'p4', 'p5']", "MODEL.FCOS.FPN_STRIDES", "[8, 16, 32]",
                          "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST", "[[-1, 32], [32, 64], [64, 100000]]"])
     assert unused_backbone_levels(cfg, FCOSTrainer.build_model(cfg)) == []
