@@ -122,6 +122,8 @@ def report(results: Dict[str, Dict], threads: int, load_before: Optional[float],
     inference = results["inference"]
     runs = inference[0]["wall"]["ours"]["runs"]
     train_runs = results["train_step"]["sizes"][0]["wall"]["ours"]["runs"]
+    other_threads = [r["machine"]["torch_threads"] for r in inference if r["machine"]["torch_threads"] != threads]
+    also = f" (inference also with {', '.join(map(str, other_threads))})" if other_threads else ""
     lines = [
         "# Benchmark results",
         "",
@@ -129,7 +131,7 @@ def report(results: Dict[str, Dict], threads: int, load_before: Optional[float],
         f"{datetime.date.today().isoformat()}, commit `{machine['commit']}`.",
         "",
         f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs; Python {machine['python']}, "
-        f"torch {machine['torch']}; **{threads} torch thread(s) for every model**; 1-minute load average "
+        f"torch {machine['torch']}; **{threads} torch thread(s) for every model**{also}; 1-minute load average "
         f"{load} (other jobs shared the host). Wall time is what a user waits; CPU time (this process only) "
         "leaves out time the host gave the core to other jobs, so it is the steadier comparison here. Runs "
         "of the two models alternate (A B A B …) after warm-up. Both models use random weights (no "
@@ -138,7 +140,9 @@ def report(results: Dict[str, Dict], threads: int, load_before: Optional[float],
         f"## Inference: R-50-FPN, 800×1333, batch 1, `torch.inference_mode` ({runs} runs each)",
         "",
         "With more than one thread on a busy host, a thread that loses its core stalls the other one, so "
-        "wall times spread widely; the 1-thread rows are the reference.",
+        "wall times spread widely; the 1-thread rows are the reference. CPU time includes system time, "
+        "mostly page faults on freshly allocated feature maps with glibc's default allocator, so it depends "
+        "on the allocator as well as on the kernels.",
         "",
         *inference_table(inference),
         "",
