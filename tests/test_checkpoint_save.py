@@ -123,3 +123,13 @@ def test_kill_9_during_save_leaves_resumable_last_checkpoint(tmp_path: Path) -> 
     assert torch.equal(resumed.model.weight, torch.full((2, 3), 7.0))
     leftovers = [name for name in os.listdir(tmp_path) if name not in ("last_checkpoint", "model_0000004.pth")]
     assert len(leftovers) == 1 and leftovers[0].startswith(".") and leftovers[0].endswith(".tmp")
+
+
+def test_atomic_write_gives_plain_file_permissions(tmp_path):
+    """mkstemp's 0600 must not leak into checkpoints that other users/tools need to read."""
+    previous = os.umask(0o022)
+    try:
+        checkpoint_module.atomic_write(str(tmp_path / "model.pth"), lambda f: f.write(b"x"))
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "model.pth").stat().st_mode & 0o777 == 0o644
