@@ -61,10 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("custom COCO-format data (replaces DATASETS.TRAIN/TEST only when given)")
     group.add_argument("--ann_file_train", help="COCO JSON of the training set")
     group.add_argument("--image_dir_train", help="folder with the training images")
-    group.add_argument("--name_train", default="custom_train", help="dataset name to register (default: %(default)s)")
+    group.add_argument("--name_train", default="dataset_train", help="dataset name to register (default: %(default)s, as in the seed)")
     group.add_argument("--ann_file_val", help="COCO JSON of the validation set")
     group.add_argument("--image_dir_val", help="folder with the validation images")
-    group.add_argument("--name_val", default="custom_val", help="dataset name to register (default: %(default)s)")
+    group.add_argument("--name_val", default="dataset_val", help="dataset name to register (default: %(default)s, as in the seed)")
     return parser
 
 

@@ -86,7 +86,7 @@ def test_custom_annotation_file_gives_names_and_category_ids(setup, tmp_path):
     results = tmp_path / "r.json"
     code = demo.main(_argv(weights, "--input", str(images[1]), "--json", str(results), "--ann_file", str(ann_file),
                            "--confidence-threshold", "0.0",
-                           opts=("DATASETS.TEST", "('custom_val',)", "DATASETS.TRAIN", "('custom_train',)")))
+                           opts=("DATASETS.TEST", "('dataset_val',)", "DATASETS.TRAIN", "('dataset_train',)")))
     assert code == 0
     records = json.loads(results.read_text())
     assert records and {r["category_id"] for r in records} <= {3, 7, 11, 20}
@@ -137,7 +137,7 @@ def test_weights_of_another_class_count_are_refused(setup, capsys):
     _, weights, images, _ = setup
     with pytest.raises(SystemExit) as exit_info:
         demo.main(_argv(weights, "--input", str(images[0]), opts=(
-            "MODEL.FCOS.NUM_CLASSES", "3", "DATASETS.TEST", "('custom_val',)", "DATASETS.TRAIN", "('custom_train',)")))
+            "MODEL.FCOS.NUM_CLASSES", "3", "DATASETS.TEST", "('dataset_val',)", "DATASETS.TRAIN", "('dataset_train',)")))
     assert exit_info.value.code == 2
     assert "head.cls_score" in capsys.readouterr().err
 
