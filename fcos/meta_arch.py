@@ -12,53 +12,18 @@ from __future__ import annotations
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import CfgNode, configurable
-from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import ImageList, Instances
 from torch import Tensor
 
 from .config import validate_fcos_config
+from .fast_inference import fold_frozen_batchnorms
 from .head import FCOSHead
 from .inference import image_candidates, select_detections
 from .losses import fcos_losses
 from .targets import FCOSTargetAssigner, grid_points
-
-
-class FoldedFrozenBNConv2d(Conv2d):
-    """detectron2's ``Conv2d`` + ``FrozenBatchNorm2d``, computed as one convolution on channels-last inputs.
-
-    A frozen BN is a fixed per-channel affine map, so norm(conv(x, w)) = conv(x, w * s) + (b - mean * s)
-    with s = weight / sqrt(var + eps): folding skips the norm's pass over the activation map for a
-    rescale of the much smaller weights, and doing it at every call keeps it right after
-    ``load_state_dict``. Results change by float rounding only (about 1e-6 relative). Only channels-last
-    (NHWC) inputs, FCOS's CPU inference path, are folded: NCHW inputs -- training, and what checkpoint
-    conversions are checked against -- compute exactly as detectron2 does.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        norm = self.norm
-        if not isinstance(norm, FrozenBatchNorm2d) or not x.is_contiguous(memory_format=torch.channels_last):
-            return super().forward(x)
-        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-        shift = norm.bias - norm.running_mean * scale
-        bias = shift if self.bias is None else shift + self.bias * scale
-        weight = self.weight * scale.reshape(-1, 1, 1, 1)
-        x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-        return x if self.activation is None else self.activation(x)
-
-
-def fold_frozen_batchnorms(module: torch.nn.Module) -> None:
-    """Make every detectron2 ``Conv2d`` with a ``FrozenBatchNorm2d`` in ``module`` a ``FoldedFrozenBNConv2d``.
-
-    Only the class changes (no module is replaced), so state-dict keys, parameter identity (optimizer
-    state, DDP buckets) and ``isinstance(m, Conv2d)`` checks are unaffected.
-    """
-    for child in module.modules():
-        if type(child) is Conv2d and isinstance(child.norm, FrozenBatchNorm2d):
-            child.__class__ = FoldedFrozenBNConv2d
 
 
 @META_ARCH_REGISTRY.register()
