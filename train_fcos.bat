@@ -14,8 +14,10 @@ call "%ANACONDA_ROOT%\Scripts\activate.bat" "%ENV_NAME%"
 if errorlevel 1 goto activate_failed
 set "DETECTRON2_DATASETS=%DATASETS_ROOT%"
 
+rem One GPU, 2 images per batch: the config's 16-image learning rate scaled with it (0.01 * 2 / 16).
 python train_net.py ^
-  --config-file configs/fcos_R_50_FPN.yaml
+  --config-file configs/fcos_R_50_FPN.yaml ^
+  SOLVER.IMS_PER_BATCH 2 SOLVER.BASE_LR 0.00125
 if errorlevel 1 goto failed
 echo Done: the model and logs are in output\fcos_R_50_FPN
 pause

@@ -13,5 +13,7 @@ DATASETS_ROOT=${DATASETS_ROOT:-$HOME/datasets}
 cd "$(dirname "${BASH_SOURCE[0]}")"
 export DETECTRON2_DATASETS=$DATASETS_ROOT
 
+# One GPU, 2 images per batch: the config's 16-image learning rate scaled with it (0.01 * 2 / 16).
 "$PYTHON" train_net.py \
-  --config-file configs/fcos_R_50_FPN.yaml
+  --config-file configs/fcos_R_50_FPN.yaml \
+  SOLVER.IMS_PER_BATCH 2 SOLVER.BASE_LR 0.00125

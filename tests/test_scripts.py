@@ -143,7 +143,8 @@ def test_train_script_command_runs(workspace):
     """Fine-tunes from the (tiny) pretrained file for 2 iterations, evaluates on the fake COCO val."""
     work, datasets = workspace
     _, args = read_script(REPO_ROOT / "train_fcos.bat")
-    assert args == ["train_net.py", "--config-file", "configs/fcos_R_50_FPN.yaml"]
+    assert args == ["train_net.py", "--config-file", "configs/fcos_R_50_FPN.yaml",
+                    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.00125"]
     args = expand(args, {"DATASETS_ROOT": str(datasets)}) + TINY_MODEL_OPTS + TINY_TRAIN_OPTS
     result = _run(work, args, DETECTRON2_DATASETS=str(datasets))
     assert result.returncode == 0, result.stderr[-3000:]
