@@ -115,3 +115,16 @@ def image_size(path: str | os.PathLike[str], decode: bool = False) -> tuple[int,
         orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
     return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
 
+
+def coco_category_names(ann_file: str | os.PathLike[str]) -> list[str]:
+    """Names of a COCO file's categories in id order, which is detectron2's contiguous class order.
+
+    Training (class count, dataset registration) and inference (class names of a custom model) both
+    need them; a file without a usable ``categories`` list is a DatasetError naming it.
+    """
+    try:
+        with open(ann_file, encoding="utf-8") as f:
+            categories = json.load(f)["categories"]
+        return [str(c["name"]) for c in sorted(categories, key=lambda c: c["id"])]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DatasetError(f"{ann_file}: cannot read the COCO 'categories' list ({err})") from err

@@ -7,7 +7,6 @@ a CUDA ``MODEL.DEVICE`` on a machine without CUDA falls back to the CPU (as in `
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -22,6 +21,7 @@ from detectron2.structures import Instances
 from torch import nn
 
 from dataset import shapes
+from dataset.common import DatasetError, coco_category_names
 
 from .checkpoint import CheckpointMismatchError, FCOSCheckpointer, LoadReport, missing_weights_message
 from .checkpoint_layouts import UnknownLayoutError
@@ -68,13 +68,11 @@ def load_config(config_file: str, opts: Sequence[str], ann_file: Optional[str] =
 
 
 def _coco_category_names(ann_file: str) -> List[str]:
-    """Names of a COCO file's categories in id order (detectron2's contiguous class order)."""
+    """Category names in id order, or an InferenceSetupError naming the file."""
     try:
-        with open(ann_file, encoding="utf-8") as f:
-            categories = json.load(f)["categories"]
-        return [str(c["name"]) for c in sorted(categories, key=lambda c: c["id"])]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InferenceSetupError(f"{ann_file}: cannot read the COCO 'categories' list ({err})") from err
+        return coco_category_names(ann_file)
+    except DatasetError as err:
+        raise InferenceSetupError(str(err)) from err
 
 
 def _find_class_names(cfg: CfgNode, ann_file: Optional[str]) -> Tuple[Optional[List[str]], str]:

@@ -12,7 +12,6 @@ common FCOS mistake (it trains, then evaluates garbage), so it is an error here,
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from detectron2.structures import BoxMode
 
 from dataset import shapes
 from dataset.check import check_coco_dataset
+from dataset.common import DatasetError, coco_category_names
 
 from .config import SetupError, get_fcos_cfg
 
@@ -80,13 +80,11 @@ def check_custom_dataset(dataset: CustomDataset) -> None:
 
 
 def _read_category_names(ann_file: str) -> List[str]:
-    """Category names in id order, as detectron2's COCO loader orders its contiguous class ids."""
+    """Category names in id order, or a SetupError naming the file."""
     try:
-        with open(ann_file, encoding="utf-8") as f:
-            categories = json.load(f)["categories"]
-        return [str(c["name"]) for c in sorted(categories, key=lambda c: c["id"])]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise SetupError(f"{ann_file}: cannot read the COCO 'categories' list ({err})") from err
+        return coco_category_names(ann_file)
+    except DatasetError as err:
+        raise SetupError(str(err)) from err
 
 
 def register_custom_dataset(dataset: CustomDataset) -> None:
