@@ -5,8 +5,8 @@
 #   bash setup.sh --install-only   # install only (what CI runs); same as FCOS_SKIP_MAIN_JOB=1
 #
 # Steps: create the venv, install the pins of requirements.txt, build detectron2 0.6 from the
-# pb1-detectron2 sdist (tools/install_detectron2.py), check that detectron2 imports, run the main
-# job. Each step skips what is already done, so a second run is quick and changes nothing.
+# pb1-detectron2 sdist (tools/install_detectron2.py), install this checkout's `fcos` package
+# (editable), check that detectron2 imports, run the main job. Each step skips what is already done, so a second run is quick and changes nothing.
 #
 # Environment:
 #   PYTHON=python3.11        interpreter used to create the venv (must be Python 3.11)
@@ -76,6 +76,15 @@ fi
 
 step "detectron2 0.6"
 "$py" tools/install_detectron2.py --cache-dir "$cache_dir"
+
+step "The fcos package (editable install of this checkout)"
+# Idempotent: skipped when `import fcos` from another directory already resolves to this checkout.
+installed_at=$(cd / && "$py" -c 'import os, fcos; print(os.path.dirname(os.path.dirname(os.path.abspath(fcos.__file__))))' 2>/dev/null || true)
+if [[ $installed_at == "$repo" ]]; then
+  echo "already installed from $repo"
+else
+  "$py" -m pip install --no-deps --no-build-isolation -e "$repo"
+fi
 
 step "Check that detectron2 imports"
 "$py" - <<'PY' || die "detectron2 is installed but does not import; see the traceback above"

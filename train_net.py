@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
@@ -25,16 +23,16 @@ from typing import Dict, List, Optional, Sequence
 # fvcore's focal loss is a torch.jit.script function: torch 2.x warns at import, in every process.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
-import torch  # noqa: E402
 from detectron2.config import CfgNode  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from fcos import FCOSCheckpointer, FCOSConfigError  # noqa: E402
-from fcos.checkpoint import CheckpointMismatchError, missing_weights_message  # noqa: E402
-from training.config import SetupError, get_fcos_cfg  # noqa: E402
-from training.datasets import (  # noqa: E402
+from fcos.checkpoint import CheckpointMismatchError, check_weights_file  # noqa: E402
+from fcos.data.common import DatasetError  # noqa: E402
+from fcos.engine.config import SetupError, get_fcos_cfg  # noqa: E402
+from fcos.engine.datasets import (  # noqa: E402
     check_datasets_exist,
     custom_datasets_from_args,
     num_classes_set_explicitly,
@@ -43,16 +41,18 @@ from training.datasets import (  # noqa: E402
     use_custom_datasets,
     uses_shapes,
 )
-from training.curves import archive_previous_metrics  # noqa: E402
-from training.evaluation import format_ap_table  # noqa: E402
-from training.hooks import NonFiniteLossError  # noqa: E402
-from training.launch import LaunchError, launch  # noqa: E402
-from training.trainer import FCOSTrainer  # noqa: E402
+from fcos.engine.curves import archive_previous_metrics  # noqa: E402
+from fcos.engine.defaults import resolve_device  # noqa: E402
+from fcos.engine.evaluation import format_ap_table  # noqa: E402
+from fcos.engine.hooks import NonFiniteLossError  # noqa: E402
+from fcos.engine.launch import LaunchError, launch  # noqa: E402
+from fcos.engine.trainer import FCOSTrainer  # noqa: E402
+from fcos.file_io import copy_file_atomic  # noqa: E402
 
-logger = logging.getLogger("training.train_net")
+logger = logging.getLogger("fcos.train_net")
 
-# Loggers of this project's packages; detectron2's default_setup only configures "detectron2" and "fvcore".
-PROJECT_LOGGERS = ("training", "fcos", "dataset")
+# detectron2's default_setup only configures the "detectron2" and "fvcore" loggers.
+PROJECT_LOGGER = "fcos"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,9 +92,7 @@ def setup_config(args: argparse.Namespace, world_size: int) -> CfgNode:
     names: List[str] = ([] if args.eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST)
     resolve_num_classes(cfg, names, explicit=num_classes_set_explicitly(cfg, args.opts))
     _check_weights_exist(cfg, args.resume)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available: using the CPU")
-        cfg.MODEL.DEVICE = "cpu"
+    resolve_device(cfg)
     reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
     if reference and cfg.SOLVER.IMS_PER_BATCH % reference != 0:
         raise SetupError(
@@ -111,24 +109,12 @@ def setup_config(args: argparse.Namespace, world_size: int) -> CfgNode:
 
 def _check_weights_exist(cfg: CfgNode, resume: bool) -> None:
     """A missing local MODEL.WEIGHTS is an error now, unless --resume will use a checkpoint instead."""
-    weights = cfg.MODEL.WEIGHTS
-    if not weights or "://" in weights or os.path.isfile(weights):
-        return
     if resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
         return
-    raise SetupError(missing_weights_message(weights))
-
-
-def _copy_config_file(config_file: str, output_dir: str) -> None:
-    """``config_my.yaml``: the user's ``--config-file`` as given (config.yaml is the full merged config)."""
-    fd, tmp = tempfile.mkstemp(prefix=".config_my.", suffix=".yaml", dir=output_dir)
-    os.close(fd)
     try:
-        shutil.copyfile(config_file, tmp)
-        os.replace(tmp, os.path.join(output_dir, "config_my.yaml"))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        check_weights_file(cfg.MODEL.WEIGHTS)
+    except FileNotFoundError as err:
+        raise SetupError(str(err)) from None
 
 
 def _worker_setup(cfg: CfgNode, args: argparse.Namespace) -> None:
@@ -137,10 +123,10 @@ def _worker_setup(cfg: CfgNode, args: argparse.Namespace) -> None:
     _register_datasets(cfg, args, check=False)
     cfg.freeze()
     default_setup(cfg, args)
-    for name in PROJECT_LOGGERS:
-        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=PROJECT_LOGGER)
     if comm.is_main_process() and args.config_file:
-        _copy_config_file(args.config_file, cfg.OUTPUT_DIR)
+        # config_my.yaml: the user's --config-file as given (config.yaml is the full merged config).
+        copy_file_atomic(args.config_file, os.path.join(cfg.OUTPUT_DIR, "config_my.yaml"))
     solver = cfg.SOLVER
     logger.info(
         f"Batch {solver.IMS_PER_BATCH} images over {comm.get_world_size()} process(es), {solver.OPTIMIZER} "
@@ -153,7 +139,7 @@ def evaluate(cfg: CfgNode, args: argparse.Namespace) -> Dict[str, object]:
     """``--eval-only``: load MODEL.WEIGHTS (or the last checkpoint with ``--resume``) and evaluate."""
     model = FCOSTrainer.build_model(cfg)
     checkpointer = FCOSCheckpointer(
-        model, save_dir=cfg.OUTPUT_DIR, allow_unsafe_pickle=cfg.MODEL.FCOS.ALLOW_UNSAFE_PICKLE
+        model, save_dir=cfg.OUTPUT_DIR, allow_unsafe_pickle=cfg.CHECKPOINT.ALLOW_UNSAFE_PICKLE
     )
     if not cfg.MODEL.WEIGHTS and not (args.resume and checkpointer.has_checkpoint()):
         logger.warning("--eval-only without MODEL.WEIGHTS: evaluating randomly initialised weights")
@@ -208,7 +194,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
             main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url,
             args=(cfg, args), device=cfg.MODEL.DEVICE,
         )
-    except (SetupError, FCOSConfigError, CheckpointMismatchError, LaunchError) as err:
+    except (SetupError, DatasetError, FCOSConfigError, CheckpointMismatchError, LaunchError) as err:
         print(f"train_net.py: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:

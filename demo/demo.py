@@ -20,28 +20,28 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-# `python demo/demo.py` puts demo/ on sys.path, not the repository root that holds `fcos` and `dataset`.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import cv2
+import numpy as np
+import tqdm
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
+from detectron2.data.catalog import Metadata
+from detectron2.data.detection_utils import convert_image_to_rgb, read_image
+from detectron2.structures import Instances
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.video_visualizer import VideoVisualizer
+from detectron2.utils.visualizer import ColorMode, Visualizer
+from PIL import Image
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import tqdm  # noqa: E402
-from detectron2.config import CfgNode  # noqa: E402
-from detectron2.data import MetadataCatalog  # noqa: E402
-from detectron2.data.catalog import Metadata  # noqa: E402
-from detectron2.data.detection_utils import convert_image_to_rgb, read_image  # noqa: E402
-from detectron2.structures import Instances  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
-from detectron2.utils.video_visualizer import VideoVisualizer  # noqa: E402
-from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
-from PIL import Image  # noqa: E402
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+from predictor import FCOSPredictor
 
-from fcos.predictor import FCOSPredictor, InferenceSetupError, class_names, load_config  # noqa: E402
+from fcos.data.common import DatasetError
+from fcos.engine.config import SetupError
+from fcos.engine.defaults import class_names, load_config
+from fcos.file_io import atomic_output, write_json_atomic
 
 logger = logging.getLogger("fcos.demo")
 
@@ -116,7 +116,7 @@ def output_paths(files: Sequence[str], output: Optional[str]) -> Dict[str, str]:
         return {}
     if output.lower().endswith(IMAGE_SUFFIXES) and not os.path.isdir(output):
         if len(files) != 1:
-            raise InferenceSetupError(f"--output {output} is a file name, but there are {len(files)} input images; give a folder")
+            raise SetupError(f"--output {output} is a file name, but there are {len(files)} input images; give a folder")
         return {files[0]: output}
     paths: Dict[str, str] = {}
     used = set()
@@ -149,7 +149,7 @@ class CocoIds:
                 category_ids = sorted(int(c["id"]) for c in data["categories"])
                 image_ids = {os.path.basename(str(im["file_name"])): int(im["id"]) for im in data.get("images", [])}
             except (OSError, ValueError, KeyError, TypeError) as err:
-                raise InferenceSetupError(f"{ann_file}: cannot read COCO 'categories'/'images' ids ({err})") from err
+                raise SetupError(f"{ann_file}: cannot read COCO 'categories'/'images' ids ({err})") from err
             return cls(category_ids, image_ids)
         mapping = MetadataCatalog.get(dataset).get("thing_dataset_id_to_contiguous_id") if dataset else None
         if mapping:
@@ -163,38 +163,23 @@ class CocoIds:
 
 
 def coco_results(instances: Instances, image_id: int, category_ids: Sequence[int]) -> List[dict]:
-    """COCO results records (``bbox`` as x, y, width, height) for one image."""
-    boxes = instances.pred_boxes.tensor.cpu().numpy().tolist()
-    scores = instances.scores.cpu().numpy().tolist()
-    classes = instances.pred_classes.cpu().numpy().tolist()
-    return [
-        {"image_id": image_id, "category_id": category_ids[c], "bbox": [x0, y0, x1 - x0, y1 - y0], "score": s}
-        for (x0, y0, x1, y1), s, c in zip(boxes, scores, classes)
-    ]
+    """COCO results records (``bbox`` as x, y, width, height) for one image, with dataset category ids.
 
-
-def write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary name beside ``path`` (same suffix), then rename it."""
-    directory, name = os.path.split(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    stem, suffix = os.path.splitext(name)
-    tmp = os.path.join(directory, f".{stem}.{os.getpid()}.tmp{suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    detectron2's own converter, whose ``category_id`` is the contiguous class; mapped here as
+    ``COCOEvaluator`` maps it.
+    """
+    records = instances_to_coco_json(instances.to("cpu"), image_id)
+    for record in records:
+        record["category_id"] = category_ids[record["category_id"]]
+    return records
 
 
 def save_image(path: str, image_rgb: np.ndarray) -> None:
     """Write an RGB picture; the file type follows the suffix of ``path``."""
 
-    def write(tmp: str) -> None:
+    with atomic_output(path, keep_extension=True) as tmp:
         if not cv2.imwrite(tmp, np.ascontiguousarray(image_rgb[:, :, ::-1])):
             raise OSError(f"cannot write {path} (unknown image type?)")
-
-    write_atomic(path, write)
 
 
 class Demo:
@@ -250,8 +235,7 @@ def run_images(demo: Demo, inputs: InputList, destinations: Dict[str, str], ids:
         if path in destinations:
             save_image(destinations[path], demo.draw(image, instances))
     if json_file:
-        text = json.dumps(records)
-        write_atomic(json_file, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_json_atomic(json_file, records)
         logger.info(f"wrote {len(records)} detections to {json_file}")
     if failed:
         logger.error(f"{len(failed)} of {len(inputs.files) + len(inputs.missing)} inputs failed: {', '.join(failed)}")
@@ -303,7 +287,8 @@ def run_video(demo: Demo, args: argparse.Namespace) -> int:
             writer.release()
 
     try:
-        write_atomic(args.output, write)
+        with atomic_output(args.output, keep_extension=True) as tmp:
+            write(tmp)
     finally:
         capture.release()
     logger.info(f"wrote {frames} frames to {args.output}")
@@ -353,7 +338,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             dataset = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
             ids = CocoIds.from_sources(cfg.MODEL.FCOS.NUM_CLASSES, args.ann_file, dataset)
         demo = Demo(cfg, names, args.confidence_threshold)
-    except InferenceSetupError as err:
+    except (SetupError, DatasetError) as err:
         parser.exit(2, f"demo.py: error: {err}\n")
     if args.input:
         return 1 if run_images(demo, inputs, destinations, ids, args.json) else 0

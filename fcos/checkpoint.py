@@ -2,10 +2,9 @@
 
 A training job can be killed at any moment (OOM killer, preemption, kill -9). detectron2's
 ``Checkpointer.save`` writes ``model_XXXX.pth`` in place and then rewrites ``last_checkpoint``; a kill in
-between leaves a truncated file that ``--resume`` picks up and fails on. Here every file is written to a
-temporary name in the same folder, flushed to disk and renamed over the final name (``os.replace`` is
-atomic within a file system), and ``last_checkpoint`` is only rewritten, the same way, after the
-checkpoint is complete. A reader therefore sees either the old state or the new one, never a partial file.
+between leaves a truncated file that ``--resume`` picks up and fails on. Here both are written with
+:func:`fcos.file_io.atomic_write`, ``last_checkpoint`` only after the checkpoint is complete, so a reader
+sees either the old state or the new one, never a partial file.
 
 Loading accepts the checkpoint layouts of ``checkpoint_layouts`` (recognised by their keys, read without
 running pickled code), checks every shape before touching the model, skips a class head of another
@@ -14,62 +13,20 @@ class count with one warning, and logs one table of what was loaded, skipped and
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode
 from tabulate import tabulate
 from torch import Tensor, nn
 
 from .checkpoint_layouts import describe, read_checkpoint
+from .file_io import atomic_write
 
 LAST_CHECKPOINT_TAG = "last_checkpoint"
-# Temporary files start with "." and end in ".tmp" so that neither detectron2's
-# ``get_all_checkpoint_files`` (``*.pth``) nor a user listing checkpoints mistakes one for a checkpoint.
-_TMP_PREFIX = "."
-_TMP_SUFFIX = ".tmp"
-
-
-def _fsync_dir(directory: str) -> None:
-    """Persist a rename: the directory entry itself must reach the disk, not only the file's data."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` so that it either keeps its old content or has the complete new content.
-
-    ``write`` receives a binary file object on a temporary file in the same folder (same file system,
-    so the final ``os.replace`` is atomic). On any error the temporary file is removed and ``path`` is
-    untouched.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(
-        dir=directory, prefix=f"{_TMP_PREFIX}{os.path.basename(path)}.", suffix=_TMP_SUFFIX
-    )
-    try:
-        # mkstemp creates 0600; give the file the permissions a plain open() would (0666 & ~umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
-    _fsync_dir(directory)
 
 
 PRETRAINED_README = Path(__file__).resolve().parents[1] / "pretrained_weights" / "README.md"
@@ -83,17 +40,6 @@ class CheckpointMismatchError(ValueError):
     """Checkpoint tensors that do not fit the model built from the config; names keys, shapes and cause."""
 
 
-def add_checkpoint_config(cfg: CfgNode) -> None:
-    """Add ``MODEL.FCOS.ALLOW_UNSAFE_PICKLE`` (default False); call after ``add_fcos_config``.
-
-    Off, checkpoints are read without executing pickled code (see ``safe_pickle``); a file that needs
-    more is refused with a message naming this key. Turn it on only for files from a trusted source.
-    """
-    if "FCOS" not in cfg.MODEL:
-        raise KeyError("MODEL.FCOS: call fcos.add_fcos_config(cfg) before fcos.checkpoint.add_checkpoint_config(cfg)")
-    cfg.MODEL.FCOS.ALLOW_UNSAFE_PICKLE = False
-
-
 def missing_weights_message(path: str) -> str:
     """What to download and where, for a checkpoint path that does not exist."""
     return (
@@ -103,6 +49,15 @@ def missing_weights_message(path: str) -> str:
         f"FCOS_imprv_R_50_FPN_1x.pth saved as pretrained_weights/FCOS_imprv_R_50_FPN_1x_official.pth for "
         f"{OFFICIAL_CONFIG}. To train from scratch, set MODEL.WEIGHTS \"\"."
     )
+
+
+def check_weights_file(path: str, hint: str = "") -> None:
+    """Raise FileNotFoundError, saying what to download and where, for a local path that does not exist.
+
+    URLs are left to detectron2's PathManager; ``hint`` is appended to the message.
+    """
+    if path and "://" not in path and not os.path.isfile(path):
+        raise FileNotFoundError(missing_weights_message(path) + (f" {hint}" if hint else ""))
 
 
 def _mismatch_cause(key: str, ckpt_shape: Sequence[int], model_shape: Sequence[int]) -> str:
@@ -263,7 +218,7 @@ class FCOSCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with atomic saves and safe, layout-aware, shape-checked loading.
 
     ``save_dir`` must be a local folder (the atomic rename needs a real file system). Build it with
-    ``allow_unsafe_pickle=cfg.MODEL.FCOS.ALLOW_UNSAFE_PICKLE`` (see ``add_checkpoint_config``).
+    ``allow_unsafe_pickle=cfg.CHECKPOINT.ALLOW_UNSAFE_PICKLE`` (see ``fcos.config``).
     """
 
     def __init__(
@@ -285,8 +240,7 @@ class FCOSCheckpointer(DetectionCheckpointer):
             FileNotFoundError: pointing to pretrained_weights/README.md.
             CheckpointMismatchError: a shape that does not fit, prefixed with the file name.
         """
-        if path and "://" not in path and not os.path.isfile(path):
-            raise FileNotFoundError(missing_weights_message(path))
+        check_weights_file(path)
         try:
             return super().load(path, checkpointables)
         except CheckpointMismatchError as e:

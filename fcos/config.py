@@ -1,4 +1,7 @@
-"""FCOS config keys (``MODEL.FCOS.*``) and their build-time validation.
+"""All config keys of the FCOS library (``MODEL.FCOS.*``, ``CHECKPOINT.*``) and their validation.
+
+``add_fcos_config`` is the one entry point: it adds the model keys and the checkpoint-loading policy.
+The training application's own keys (optimizer, embedded dataset) are added by ``fcos.engine.config``.
 
 The key names and defaults are the seed project's, so its YAML files keep working; the three flavour
 switches (``TOP_BLOCK_IN_FEATURE``, ``GRID_OFFSET``, ``INFERENCE_TOPK_FIRST``) are new and default to the
@@ -22,7 +25,7 @@ class FCOSConfigError(ValueError):
 
 
 def add_fcos_config(cfg: CN) -> None:
-    """Add the ``MODEL.FCOS`` keys (seed defaults) to a detectron2 config, in place."""
+    """Add the ``MODEL.FCOS`` keys (seed defaults) and ``CHECKPOINT.*`` to a detectron2 config, in place."""
     _C = cfg
     _C.MODEL.FCOS = CN()
     _C.MODEL.FCOS.NUM_CLASSES = 80
@@ -56,6 +59,16 @@ def add_fcos_config(cfg: CN) -> None:
     _C.MODEL.FCOS.INFERENCE_TOPK_FIRST = True
     # Bounds the (points x GT boxes) work of target assignment; results do not depend on it.
     _C.MODEL.FCOS.ASSIGNMENT_CHUNK_ELEMENTS = 1 << 21
+    # How checkpoints are read, a loading policy rather than a model parameter. Off: files are read
+    # without executing pickled code (``fcos.safe_pickle``) and one that needs more is refused with a
+    # message naming this key; turn it on only for files from a trusted source.
+    _C.CHECKPOINT = CN()
+    _C.CHECKPOINT.ALLOW_UNSAFE_PICKLE = False
+    _C.register_renamed_key(
+        "MODEL.FCOS.ALLOW_UNSAFE_PICKLE",
+        "CHECKPOINT.ALLOW_UNSAFE_PICKLE",
+        message="a checkpoint-loading policy, not a model parameter",
+    )
 
 
 def _fail(key: str, message: str) -> FCOSConfigError:

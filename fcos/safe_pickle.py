@@ -4,7 +4,7 @@ A pickle can name any importable callable and have the unpickler call it; a down
 is therefore executable. ``.pth`` files go through ``torch.load(weights_only=True)``; ``.pkl`` files
 (detectron2/Caffe2 ImageNet backbones: dicts of numpy arrays) through an unpickler that only admits
 numpy arrays and plain containers/scalars. Anything else is refused unless the caller opts in with
-``allow_unsafe`` (``MODEL.FCOS.ALLOW_UNSAFE_PICKLE`` / ``--allow-unsafe-pickle``).
+``allow_unsafe`` (``CHECKPOINT.ALLOW_UNSAFE_PICKLE`` / ``--allow-unsafe-pickle``).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from numpy._core.multiarray import _reconstruct, scalar
 logger = logging.getLogger(__name__)
 
 OPT_IN_HINT = (
-    "if you trust this file, set MODEL.FCOS.ALLOW_UNSAFE_PICKLE True "
+    "if you trust this file, set CHECKPOINT.ALLOW_UNSAFE_PICKLE True "
     "(or pass --allow-unsafe-pickle to python -m fcos.convert)"
 )
 

@@ -30,7 +30,7 @@ if [[ -z $processes ]]; then
 fi
 
 start=$(date +%s)
-PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} "$py" train_net.py --config-file configs/fcos_shapes.yaml \
+"$py" train_net.py --config-file configs/fcos_shapes.yaml \
   --num-gpus "$processes" --dist-url auto "$@"
 elapsed=$(( $(date +%s) - start ))
 printf 'Embedded job finished in %dm%02ds (dataset generation if needed + training + evaluation, %s process(es)).\n' \

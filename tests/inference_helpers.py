@@ -15,8 +15,8 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.modeling import build_model
 
-from dataset import shapes
-from fcos.predictor import load_config
+from fcos.data import shapes
+from fcos.engine.defaults import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPES_CONFIG = REPO_ROOT / "configs" / "fcos_shapes.yaml"

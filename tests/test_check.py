@@ -11,8 +11,9 @@ from typing import Any, Callable
 import pytest
 from PIL import Image
 
-from dataset.check import check_coco_dataset, main
-from dataset.voc2coco import convert
+from dataset.check import main
+from fcos.data.check import check_coco_dataset
+from fcos.data.voc import convert
 
 REPO = Path(__file__).resolve().parent.parent
 

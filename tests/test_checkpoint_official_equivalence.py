@@ -15,7 +15,7 @@ from detectron2.modeling import build_model
 from torch import Tensor
 
 from fcos import add_fcos_config
-from fcos.checkpoint import FCOSCheckpointer, add_checkpoint_config
+from fcos.checkpoint import FCOSCheckpointer
 from model_utils import REPO
 from official_fcos import official_detections, official_r50_fpn_state_dict
 
@@ -32,7 +32,6 @@ def _sorted(boxes: Tensor, scores: Tensor, classes: Tensor) -> Tuple[Tensor, Ten
 def setup(tmp_path_factory: pytest.TempPathFactory):
     cfg = get_cfg()
     add_fcos_config(cfg)
-    add_checkpoint_config(cfg)
     cfg.merge_from_file(str(REPO / "configs" / "fcos_R_50_FPN_official.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""

@@ -112,8 +112,7 @@ def test_kill_9_during_save_leaves_resumable_last_checkpoint(tmp_path: Path) -> 
         checkpointer.save("model_0000004")
         """
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
 
     resumed = FCOSCheckpointer(_model(0.0), str(tmp_path))

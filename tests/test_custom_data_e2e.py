@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dataset.check import check_coco_dataset
+from fcos.data.check import check_coco_dataset
 from dataset.voc2coco import main as voc2coco
 from train_helpers import REPO, TINY_OPTS, TINY_SIZE, ap_rows, run_train_net
 

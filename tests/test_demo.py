@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from detectron2.data.detection_utils import read_image
 
-from fcos.predictor import FCOSPredictor
+from predictor import FCOSPredictor
 from inference_helpers import SHAPES_CONFIG, TINY_OPTS, random_fcos, save_weights, shapes_val, tiny_cfg
 
 _spec = importlib.util.spec_from_file_location("fcos_demo", Path(__file__).resolve().parents[1] / "demo" / "demo.py")

@@ -1,6 +1,6 @@
 """Export: ONNX (run in onnxruntime) and TorchScript give the eager model's detections.
 
-The exported graph ends at the head; ``fcos.export_postprocess`` (numpy) does the pre-processing and the
+The exported graph ends at the head; ``tools/export_postprocess.py`` (numpy) does the pre-processing and the
 decoding. Both are checked here against the eager detectron2 path on generated shapes images: same
 classes, boxes within 1e-3 px, scores within 1e-4.
 """
@@ -17,10 +17,10 @@ import torch
 from detectron2.data.detection_utils import read_image
 from detectron2.data.transforms import ResizeShortestEdge
 
-from fcos import export as fcos_export
-from fcos import export_postprocess as post
-from fcos.export import FCOSExportModule, export_model, main
-from fcos.predictor import FCOSPredictor
+import export as fcos_export
+import export_postprocess as post
+from export import FCOSExportModule, export_model, main
+from predictor import FCOSPredictor
 from inference_helpers import random_fcos, same_detections, save_weights, shapes_val, tiny_cfg
 
 

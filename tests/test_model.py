@@ -21,7 +21,7 @@ def load_config(path: Path):
     cfg = get_cfg()
     add_fcos_config(cfg)
     try:
-        from training.config import add_training_config
+        from fcos.engine.config import add_training_config
     except ImportError:
         add_training_config = None
     if add_training_config is not None:

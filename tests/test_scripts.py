@@ -21,8 +21,8 @@ from typing import Dict, List, Tuple
 import pytest
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-from fcos.predictor import load_config
-from dataset import shapes
+from fcos.engine.defaults import load_config
+from fcos.data import shapes
 from inference_helpers import REPO_ROOT, VAL_IMAGE_SIZE, random_fcos, save_weights
 
 BAT_VARIABLES = ("ANACONDA_ROOT", "ENV_NAME", "DATASETS_ROOT")
@@ -114,7 +114,7 @@ def _fake_coco(root: Path, shapes_root: Path) -> Path:
 def workspace(tmp_path_factory) -> Tuple[Path, Path]:
     """A scratch folder mirroring the repository (so outputs land there) plus a fake datasets root."""
     work = tmp_path_factory.mktemp("scripts")
-    for name in ("configs", "demo", "fcos", "dataset", "training", "train_net.py"):
+    for name in ("configs", "demo", "fcos", "dataset", "tools", "train_net.py"):
         (work / name).symlink_to(REPO_ROOT / name)
     datasets = _fake_coco(work / "datasets", work / "shapes")
     cfg = load_config(str(REPO_ROOT / "configs" / "fcos_R_50_FPN.yaml"), TINY_MODEL_OPTS)

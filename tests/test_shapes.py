@@ -1,4 +1,4 @@
-"""Tests of the embedded synthetic shapes dataset (dataset/shapes.py): geometry, determinism, COCO validity,
+"""Tests of the embedded synthetic shapes dataset (fcos.data.shapes): geometry, determinism, COCO validity,
 atomic/conditional regeneration, CLI and detectron2 registration. All generations are tiny (<= 20 images)."""
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from dataset import shapes
-from dataset.shapes import CLASS_NAMES, Shape
+from fcos.data import shapes
+from dataset.shapes import main as shapes_main
+from fcos.data.shapes import CLASS_NAMES, Shape
 
 SIZE = (128, 128)
 NUM_TRAIN, NUM_VAL = 20, 6
@@ -218,12 +219,12 @@ def test_bad_parameters_are_named(tmp_path: Path, kwargs: dict, field: str) -> N
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "cli"
-    assert shapes.main(["--root", str(root), "--num-train", "3", "--num-val", "2", "--size", "48", "64"]) == 0
+    assert shapes_main(["--root", str(root), "--num-train", "3", "--num-val", "2", "--size", "48", "64"]) == 0
     assert "train: 3 images" in capsys.readouterr().out
     image = _load(root / "annotations" / "instances_val.json")["images"][0]
     assert (image["height"], image["width"]) == (48, 64)
     with pytest.raises(SystemExit):
-        shapes.main(["--root", str(root), "--num-train", "0"])
+        shapes_main(["--root", str(root), "--num-train", "0"])
     assert "num_train" in capsys.readouterr().err
 
 

@@ -13,8 +13,8 @@ from detectron2.utils import comm
 
 from train_helpers import SHAPES_CONFIG, TINY_OPTS
 from model_utils import instances
-from training.config import get_fcos_cfg
-from training.launch import launch
+from fcos.engine.config import get_fcos_cfg
+from fcos.engine.launch import launch
 
 SIZE = 64
 

@@ -53,7 +53,7 @@ def test_two_machines_on_one_host(tmp_path: Path) -> None:
     # --num-machines/--machine-rank/--dist-url: one process per "machine", rendezvous over TCP.
     url = f"tcp://127.0.0.1:{_find_free_port()}"
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     logs = [tmp_path / f"machine{rank}.txt" for rank in (0, 1)]
     procs = []
     for rank, log in enumerate(logs):
@@ -95,7 +95,7 @@ def test_resume_after_kill_9_continues_iteration_lr_and_optimizer_state(tmp_path
             "SOLVER.MAX_ITER", str(max_iter), "SOLVER.BASE_LR", "0.001"]
     proc = subprocess.Popen(
         [sys.executable, str(TRAIN_NET), *shapes_run(tmp_path, out, *opts)],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:

@@ -26,12 +26,12 @@ from train_helpers import (
     simple_categories,
     write_coco,
 )
-from training import evaluation, launch
-from training.config import SetupError, get_fcos_cfg
-from training.curves import archive_previous_metrics, plot_training_curves, read_metrics
-from training.datasets import drop_degenerate_boxes, use_custom_datasets
-from training.hooks import FiniteLossTrainer, NonFiniteLossError
-from training.trainer import FCOSTrainer, build_optimizer, unused_backbone_levels
+from fcos.engine import evaluation, launch
+from fcos.engine.config import SetupError, get_fcos_cfg
+from fcos.engine.curves import archive_previous_metrics, plot_training_curves, read_metrics
+from fcos.engine.datasets import drop_degenerate_boxes, use_custom_datasets
+from fcos.engine.hooks import FiniteLossTrainer, NonFiniteLossError
+from fcos.engine.trainer import FCOSTrainer, build_optimizer, unused_backbone_levels
 
 
 @pytest.fixture
@@ -191,7 +191,7 @@ def test_degenerate_boxes_are_dropped_with_a_count(caplog: pytest.LogCaptureFixt
          "annotations": [anno([10, 10, 20, 20]), anno([10, 10, 0, 20]), anno([70, 10, 5, 5])]},
         {"file_name": "b", "width": 64, "height": 48, "annotations": [anno([0, 40, 10, 8]), anno([5, 48, 4, 4])]},
     ]
-    with caplog.at_level(logging.WARNING, logger="training.datasets"):
+    with caplog.at_level(logging.WARNING, logger="fcos.engine.datasets"):
         kept = drop_degenerate_boxes(dicts, ["toy"])
     # Zero width; entirely right of x=64; entirely below y=48 -> 3 removed, 2 kept.
     assert [len(r["annotations"]) for r in kept] == [1, 1]

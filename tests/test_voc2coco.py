@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from dataset.common import DatasetError
-from dataset.voc2coco import convert, main
+from fcos.data.common import DatasetError
+from dataset.voc2coco import main
+from fcos.data.voc import convert
 
 REPO = Path(__file__).resolve().parent.parent
 LABELS = ["cat", "dog", "person"]

@@ -113,7 +113,7 @@ def run_train_net(
     args: Sequence[str], env: Optional[Dict[str, str]] = None, timeout: float = 240
 ) -> subprocess.CompletedProcess:
     """Run ``train_net.py`` in a fresh process (cwd = repo root), capturing output."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, str(TRAIN_NET), *args],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,

@@ -1,6 +1,6 @@
 """Export a trained FCOS to ONNX or TorchScript.
 
-    python -m fcos.export --config-file output/fcos_shapes/config.yaml --format onnx \
+    python tools/export.py --config-file output/fcos_shapes/config.yaml --format onnx \
         --output output/export/fcos_shapes.onnx --opts MODEL.WEIGHTS output/fcos_shapes/model_final.pth
 
 writes ``output/export/fcos_shapes.onnx`` and ``output/export/fcos_shapes.onnx.json``. The graph takes
@@ -8,7 +8,7 @@ one float32 batch (N, 3, H, W) of raw pixel values in ``INPUT.FORMAT`` channel o
 multiple of the backbone's size divisibility, 32 for FPN), normalises it, runs backbone, FPN and head,
 and returns the head maps of every level: ``logits_<level>`` (N, K, H/s, W/s), ``box_reg_<level>``
 (N, 4, H/s, W/s) distances in input pixels, ``centerness_<level>`` (N, 1, H/s, W/s). Turning them into
-boxes (threshold, top-k, NMS, rescaling) is ``fcos.export_postprocess`` (numpy + Pillow only; its
+boxes (threshold, top-k, NMS, rescaling) is ``tools/export_postprocess.py`` (numpy + Pillow only; its
 docstring says why decoding stays out of the graph); the JSON holds the settings it needs.
 
 GroupNorm (the head's default norm; ``MODEL.RESNETS.NORM: GN`` for the backbone) exports through the
@@ -23,18 +23,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from detectron2.config import CfgNode
 from torch import Tensor, nn
 
-from .export_postprocess import METADATA_FORMAT, METADATA_VERSION, metadata_path
-from .meta_arch import FCOS
+from export_postprocess import METADATA_FORMAT, METADATA_VERSION, metadata_path
+from fcos import FCOS
+from fcos.engine.config import SetupError
+from fcos.engine.defaults import build_inference_model, class_names, load_config
+from fcos.file_io import atomic_output, write_text_atomic
 
 logger = logging.getLogger("fcos.export")
 
@@ -91,18 +93,6 @@ def export_metadata(cfg: CfgNode, module: FCOSExportModule, class_names: Optiona
         "detections_per_image": int(cfg.TEST.DETECTIONS_PER_IMAGE),
         "box_reg_weights": [float(w) for w in fc.BBOX_REG_WEIGHTS],
     }
-
-
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Let ``write`` fill a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def example_input(size_divisibility: int, height: int, width: int) -> Tensor:
@@ -183,8 +173,8 @@ def export_model(
     meta_file = metadata_path(output)
     text = json.dumps(export_metadata(cfg, module, class_names), indent=2) + "\n"
 
-    def write_checked(tmp: str) -> None:
-        """Export to the temporary name and check it there: a failed check leaves no model file."""
+    # Export to a temporary name and check it there: a failed check leaves no model file.
+    with atomic_output(output) as tmp:
         trace_input = example_input(divisor, 256, 320)
         if fmt == "onnx":
             export_onnx(module, trace_input, tmp, opset)
@@ -192,17 +182,13 @@ def export_model(
             export_torchscript(module, trace_input, tmp)
         worst = check_export(fmt, Path(tmp), module, example_input(divisor, 192, 128))
         logger.info(f"{output}: matches the eager model on a 192x128 input (max |difference| {worst:.2e})")
-        _write_atomic(meta_file, lambda meta_tmp: Path(meta_tmp).write_text(text, encoding="utf-8"))
-
-    _write_atomic(output, write_checked)
+        write_text_atomic(meta_file, text)
     return meta_file
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: build the config's model with its weights and export it."""
-    from .predictor import InferenceSetupError, build_inference_model, class_names, load_config
-
-    parser = argparse.ArgumentParser(prog="python -m fcos.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tools/export.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", required=True, metavar="FILE", help="the model's config (e.g. OUTPUT_DIR/config.yaml)")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--output", required=True, type=Path, help="model file to write; metadata goes to OUTPUT.json")
@@ -216,8 +202,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu"], args.ann_file)
         model = build_inference_model(cfg)
         names = class_names(cfg, args.ann_file)
-    except (InferenceSetupError, OSError) as err:
-        parser.exit(2, f"fcos.export: error: {err}\n")
+    except (SetupError, OSError) as err:
+        parser.exit(2, f"tools/export.py: error: {err}\n")
     meta_file = export_model(cfg, model, args.format, args.output, names, args.opset)
     print(f"wrote {args.output} and {meta_file}")
     return 0

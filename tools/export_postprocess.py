@@ -1,6 +1,6 @@
 """Run an exported FCOS model (ONNX or TorchScript) without detectron2: pre-processing and decoding.
 
-``python -m fcos.export`` writes the network (normalisation, backbone, FPN, head) as a graph whose outputs
+``tools/export.py`` writes the network (normalisation, backbone, FPN, head) as a graph whose outputs
 are the raw per-level head maps, plus a JSON file with everything needed to turn them into boxes. This
 module is that "everything": it needs only numpy and Pillow, so a deployment with onnxruntime alone can
 use it (copy this one file).
@@ -16,7 +16,7 @@ Usage::
 
     import onnxruntime, numpy as np
     from PIL import Image
-    from fcos.export_postprocess import load_metadata, preprocess, decode
+    from export_postprocess import load_metadata, preprocess, decode  # this file, copied beside your code
 
     meta = load_metadata("fcos.onnx.json")
     session = onnxruntime.InferenceSession("fcos.onnx")

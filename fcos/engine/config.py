@@ -10,9 +10,8 @@ from __future__ import annotations
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-import fcos
-from dataset import shapes
-from fcos.checkpoint import add_checkpoint_config
+from fcos.config import add_fcos_config
+from fcos.data import shapes
 
 OPTIMIZERS = ("SGD", "ADAMW")
 
@@ -27,7 +26,7 @@ def add_training_config(cfg: CN) -> None:
     # AdamW's (beta1, beta2); SGD uses SOLVER.MOMENTUM instead.
     cfg.SOLVER.BETAS = (0.9, 0.999)
     cfg.DATASETS.SHAPES = CN()
-    # Where the embedded dataset is generated; "" = dataset/shapes.py's default (datasets/generated/shapes).
+    # Where the embedded dataset is generated; "" = fcos.data.shapes' default (datasets/generated/shapes in the repository).
     cfg.DATASETS.SHAPES.ROOT = ""
     cfg.DATASETS.SHAPES.NUM_TRAIN = shapes.DEFAULT_NUM_TRAIN
     cfg.DATASETS.SHAPES.NUM_VAL = shapes.DEFAULT_NUM_VAL
@@ -37,9 +36,8 @@ def add_training_config(cfg: CN) -> None:
 
 
 def get_fcos_cfg() -> CN:
-    """detectron2's defaults plus the FCOS model and checkpoint keys and the training keys above."""
+    """detectron2's defaults plus the FCOS library's keys (``add_fcos_config``) and the training keys above."""
     cfg = get_cfg()
-    fcos.add_fcos_config(cfg)
-    add_checkpoint_config(cfg)
+    add_fcos_config(cfg)
     add_training_config(cfg)
     return cfg

@@ -1,9 +1,10 @@
-"""Build a trained FCOS for inference and run it on single images (used by the demo and the exporter).
+"""Config and model set-up shared by the applications (training, the demo, export).
 
-Like detectron2's ``DefaultPredictor``, but: the weights go through ``FCOSCheckpointer`` (the project's
-checkpoint loader), a missing weights file is one clear error instead of an assertion deep inside fvcore,
-a CUDA ``MODEL.DEVICE`` on a machine without CUDA falls back to the CPU (as in ``train_net.py``), and
-``TEST.AUG.ENABLED`` switches on FCOS test-time augmentation.
+What detectron2's ``engine.defaults`` does for its tools, for FCOS: the config of a run is the project's
+full schema merged with a file and ``KEY VALUE`` overrides; ``MODEL.FCOS.NUM_CLASSES`` follows the data
+unless the user set it; a CUDA ``MODEL.DEVICE`` on a machine without CUDA falls back to the CPU; and an
+inference model loads every tensor of ``MODEL.WEIGHTS`` through ``FCOSCheckpointer``, with one clear
+error when the file is missing or does not hold a complete model.
 """
 from __future__ import annotations
 
@@ -11,30 +12,31 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
-from detectron2.data import transforms as T
 from detectron2.modeling import build_model
-from detectron2.structures import Instances
 from torch import nn
 
-from dataset import shapes
-from dataset.common import DatasetError, coco_category_names
+from fcos.checkpoint import CheckpointMismatchError, FCOSCheckpointer, LoadReport, check_weights_file
+from fcos.checkpoint_layouts import UnknownLayoutError
+from fcos.data import shapes
+from fcos.data.common import coco_category_names
+from fcos.safe_pickle import UnsafeCheckpointError
 
-from .checkpoint import CheckpointMismatchError, FCOSCheckpointer, LoadReport, missing_weights_message
-from .checkpoint_layouts import UnknownLayoutError
-from .safe_pickle import UnsafeCheckpointError
-from .tta import FCOSWithTTA
+from .config import SetupError, get_fcos_cfg
+from .datasets import num_classes_set_explicitly
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_HELP = "pretrained_weights/README.md"
 
 
-class InferenceSetupError(ValueError):
-    """The config cannot give a usable inference model; the message names the key and the fix."""
+def resolve_device(cfg: CfgNode) -> None:
+    """A CUDA ``MODEL.DEVICE`` on a machine without CUDA becomes the CPU, with a warning (cfg unfrozen)."""
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available: using the CPU")
+        cfg.MODEL.DEVICE = "cpu"
 
 
 def load_config(config_file: str, opts: Sequence[str], ann_file: Optional[str] = None) -> CfgNode:
@@ -43,15 +45,11 @@ def load_config(config_file: str, opts: Sequence[str], ann_file: Optional[str] =
     As in ``train_net.py``: ``MODEL.FCOS.NUM_CLASSES`` follows the classes of the config's datasets (or
     of ``ann_file``) unless the config file or ``opts`` set it, so the config a model was trained with
     also builds it for inference; and a CUDA ``MODEL.DEVICE`` without CUDA falls back to the CPU.
-    ``training`` is imported here, not at module level, because it imports this package.
     """
-    from training.config import get_fcos_cfg
-    from training.datasets import num_classes_set_explicitly
-
     if not os.path.isfile(config_file):
-        raise InferenceSetupError(f"--config-file: {config_file} does not exist")
+        raise SetupError(f"--config-file: {config_file} does not exist")
     if len(opts) % 2:
-        raise InferenceSetupError(f"--opts: needs KEY VALUE pairs, got an odd number of items {list(opts)}")
+        raise SetupError(f"--opts: needs KEY VALUE pairs, got an odd number of items {list(opts)}")
     cfg = get_fcos_cfg()
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
@@ -60,19 +58,9 @@ def load_config(config_file: str, opts: Sequence[str], ann_file: Optional[str] =
         if cfg.MODEL.FCOS.NUM_CLASSES != len(names):
             logger.info(f"MODEL.FCOS.NUM_CLASSES = {len(names)}, from the categories of {source}")
         cfg.MODEL.FCOS.NUM_CLASSES = len(names)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available: using the CPU")
-        cfg.MODEL.DEVICE = "cpu"
+    resolve_device(cfg)
     cfg.freeze()
     return cfg
-
-
-def _coco_category_names(ann_file: str) -> List[str]:
-    """Category names in id order, or an InferenceSetupError naming the file."""
-    try:
-        return coco_category_names(ann_file)
-    except DatasetError as err:
-        raise InferenceSetupError(str(err)) from err
 
 
 def _find_class_names(cfg: CfgNode, ann_file: Optional[str]) -> Tuple[Optional[List[str]], str]:
@@ -80,7 +68,7 @@ def _find_class_names(cfg: CfgNode, ann_file: Optional[str]) -> Tuple[Optional[L
     while training), the embedded shapes dataset (known without generating it), or the metadata of the
     config's datasets (detectron2 registers COCO's names at import)."""
     if ann_file:
-        return _coco_category_names(ann_file), ann_file
+        return coco_category_names(ann_file), ann_file
     shapes_names = {f"shapes_{split}" for split in shapes.SPLITS}
     for dataset in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
         names = None
@@ -101,7 +89,7 @@ def class_names(cfg: CfgNode, ann_file: Optional[str] = None) -> Optional[List[s
     names, source = _find_class_names(cfg, ann_file)
     num_classes = cfg.MODEL.FCOS.NUM_CLASSES
     if names is not None and len(names) != num_classes:
-        raise InferenceSetupError(
+        raise SetupError(
             f"{source} has {len(names)} classes but MODEL.FCOS.NUM_CLASSES is {num_classes}; "
             "give the annotation file the model was trained on (--ann_file)"
         )
@@ -123,7 +111,7 @@ class _InferenceCheckpointer(FCOSCheckpointer):
             missing = report.missing[:5] + (["..."] if len(report.missing) > 5 else [])
             if report.missing:
                 reasons.append(f"missing from the checkpoint: {', '.join(missing)}")
-            raise InferenceSetupError(
+            raise SetupError(
                 "MODEL.WEIGHTS does not hold a complete model for this config (" + "; ".join(reasons) + "). "
                 "Use the config the model was trained with (OUTPUT_DIR/config.yaml), or set "
                 "MODEL.FCOS.NUM_CLASSES to the checkpoint's class count"
@@ -135,57 +123,23 @@ def check_weights(cfg: CfgNode) -> None:
     """``MODEL.WEIGHTS`` must name an existing file: inference with random weights is never what is meant."""
     weights = cfg.MODEL.WEIGHTS
     if not weights:
-        raise InferenceSetupError(
+        raise SetupError(
             "MODEL.WEIGHTS is empty: give the trained model, e.g. --opts MODEL.WEIGHTS output/<run>/model_final.pth "
             f"(pretrained files: see {WEIGHTS_HELP})"
         )
-    if "://" not in weights and not os.path.isfile(weights):
-        raise InferenceSetupError(
-            f"{missing_weights_message(weights)} A model you trained yourself is OUTPUT_DIR/model_final.pth."
-        )
+    try:
+        check_weights_file(weights, "A model you trained yourself is OUTPUT_DIR/model_final.pth.")
+    except FileNotFoundError as err:
+        raise SetupError(str(err)) from None
 
 
 def build_inference_model(cfg: CfgNode) -> nn.Module:
     """The config's model with all of ``MODEL.WEIGHTS`` loaded, in eval mode (no TTA wrapper)."""
     check_weights(cfg)
     model = build_model(cfg)
-    checkpointer = _InferenceCheckpointer(model, allow_unsafe_pickle=cfg.MODEL.FCOS.ALLOW_UNSAFE_PICKLE)
+    checkpointer = _InferenceCheckpointer(model, allow_unsafe_pickle=cfg.CHECKPOINT.ALLOW_UNSAFE_PICKLE)
     try:
         checkpointer.load(cfg.MODEL.WEIGHTS)
     except (CheckpointMismatchError, UnknownLayoutError, UnsafeCheckpointError) as err:
-        raise InferenceSetupError(str(err)) from None
+        raise SetupError(str(err)) from None
     return model.eval()
-
-
-class FCOSPredictor:
-    """One image (HxWxC uint8 in ``INPUT.FORMAT`` channel order) in, ``Instances`` in its pixels out.
-
-    Resizes as the test loader does (``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST``), or, with
-    ``TEST.AUG.ENABLED``, lets ``FCOSWithTTA`` run its scales and flips on the original image.
-    """
-
-    def __init__(self, cfg: CfgNode) -> None:
-        self.cfg = cfg.clone()
-        self.model = build_inference_model(self.cfg)
-        self.tta = FCOSWithTTA(self.cfg, self.model) if self.cfg.TEST.AUG.ENABLED else None
-        self.resize = T.ResizeShortestEdge(
-            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
-        )
-        self.input_format = cfg.INPUT.FORMAT
-
-    def model_input(self, image: np.ndarray) -> Dict[str, Any]:
-        """The detectron2 input dict for ``image``: resized CHW tensor plus the original size.
-
-        The tensor stays uint8, as the test loader gives it: TTA's resizing then takes the same
-        (Pillow) path as the loader's, and the model converts to float when it normalises.
-        """
-        height, width = image.shape[:2]
-        resized = image if self.tta is not None else self.resize.get_transform(image).apply_image(image)
-        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        return {"image": tensor, "height": height, "width": width}
-
-    @torch.no_grad()
-    def __call__(self, image: np.ndarray) -> Instances:
-        inputs = [self.model_input(image)]
-        outputs = self.tta(inputs) if self.tta is not None else self.model(inputs)
-        return outputs[0]["instances"]

@@ -5,7 +5,7 @@ Three sources, all ending as names in ``DATASETS.TRAIN``/``DATASETS.TEST``:
 * detectron2's built-in COCO names (``coco_2017_train`` ...), found under ``$DETECTRON2_DATASETS``;
 * the embedded synthetic shapes (``shapes_train``/``shapes_val``), generated on first use;
 * custom COCO-format files given on the command line, which replace the config's datasets **only when
-  given** (the seed always replaced them, so plain COCO training failed: seed defect 1).
+  given** (so plain COCO training needs no annotation flags).
 
 ``MODEL.FCOS.NUM_CLASSES`` follows the datasets' categories unless the user set it; a mismatch is the most
 common FCOS mistake (it trains, then evaluates garbage), so it is an error here, before any iteration.
@@ -22,9 +22,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import BoxMode
 
-from dataset import shapes
-from dataset.check import check_coco_dataset
-from dataset.common import DatasetError, coco_category_names
+from fcos.data import shapes
+from fcos.data.check import check_coco_dataset
+from fcos.data.common import coco_category_names
 
 from .config import SetupError, get_fcos_cfg
 
@@ -79,14 +79,6 @@ def check_custom_dataset(dataset: CustomDataset) -> None:
         logger.warning(f"{dataset.ann_file}: {warning}")
 
 
-def _read_category_names(ann_file: str) -> List[str]:
-    """Category names in id order, or a SetupError naming the file."""
-    try:
-        return coco_category_names(ann_file)
-    except DatasetError as err:
-        raise SetupError(str(err)) from err
-
-
 def register_custom_dataset(dataset: CustomDataset) -> None:
     """Register ``dataset`` as COCO instances; registering the same files again is a no-op."""
     ann_file = os.path.abspath(dataset.ann_file)
@@ -99,7 +91,7 @@ def register_custom_dataset(dataset: CustomDataset) -> None:
             f"dataset name {dataset.name!r} is already registered (for {meta.get('json_file')}); "
             "choose another --name_train/--name_val"
         )
-    register_coco_instances(dataset.name, {"thing_classes": _read_category_names(ann_file)}, ann_file, image_dir)
+    register_coco_instances(dataset.name, {"thing_classes": coco_category_names(ann_file)}, ann_file, image_dir)
 
 
 def use_custom_datasets(
@@ -180,7 +172,7 @@ def dataset_classes(name: str) -> Optional[List[str]]:
     if classes is not None:
         return list(classes)
     json_file = meta.get("json_file")
-    return _read_category_names(json_file) if json_file else None
+    return coco_category_names(json_file) if json_file else None
 
 
 def num_classes_set_explicitly(cfg: CfgNode, opts: Sequence[str]) -> bool:

@@ -1,9 +1,9 @@
-"""Plumbing shared by the dataset command-line tools (``voc2coco``, ``check``).
+"""Pieces shared by the dataset tools (VOC conversion, the checker) and training's dataset set-up.
 
-Both tools promise the same things to the user: a problem with the input is reported as one line naming
-the file and the field (never a traceback), an output file is either complete or absent, long loops show
-progress, and the run ends with a small summary table. Keeping those pieces here gives both tools the
-same behaviour instead of two copies that drift apart.
+The tools promise the same things to the user: a problem with the input is reported as one line naming
+the file and the field (never a traceback), long loops show progress, and the run ends with a small
+summary table. Keeping those pieces here gives every tool the same behaviour instead of copies that
+drift apart. (Output files are written with :mod:`fcos.file_io`.)
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, TypeVar
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 from PIL import ExifTags, Image
 
@@ -28,33 +26,6 @@ _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 class DatasetError(Exception):
     """Input problem that ends a run; ``str(error)`` is the message for the user, one line per problem."""
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either the old file or the complete new one.
-
-    The text goes to a temporary file in the same directory (so the final rename stays on one file
-    system) and replaces the target with ``os.replace``; an interrupted run leaves no half-written file.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        # mkstemp creates the file private (0600); give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Serialise ``obj`` as JSON and write it with :func:`write_text_atomic`."""
-    write_text_atomic(path, json.dumps(obj))
 
 
 def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:

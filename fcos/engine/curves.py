@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -16,6 +15,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on training machines; must precede the pyplot import
 import matplotlib.pyplot as plt  # noqa: E402
+
+from fcos.file_io import atomic_output  # noqa: E402
 
 CURVE_FILE = "training_curves.png"
 AP_KEYS = ("bbox/AP", "bbox/AP50", "bbox/AP75")
@@ -92,13 +93,9 @@ def plot_training_curves(metrics_path: str | os.PathLike[str], out_path: str | o
     axes[-1, 0].set_xlabel("iteration")
     fig.tight_layout()
 
-    out_path = Path(out_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".png", dir=out_path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out_path)
+        with atomic_output(out_path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return True

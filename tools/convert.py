@@ -1,6 +1,6 @@
 """Convert a pretrained checkpoint to this project's (detectron2) parameter names, once.
 
-    python -m fcos.convert IN OUT [--allow-unsafe-pickle]
+    python tools/convert.py IN OUT [--allow-unsafe-pickle]
 
 IN may be in any layout ``fcos.checkpoint_layouts`` recognises (official FCOS, torchvision ResNet,
 detectron2/Caffe2 ImageNet .pkl, or already detectron2). OUT is a ``{"model": state_dict}`` ``.pth`` that
@@ -17,12 +17,12 @@ from typing import List, Optional
 
 import torch
 
-from .checkpoint import atomic_write
-from .checkpoint_layouts import describe, read_checkpoint
+from fcos.checkpoint_layouts import describe, read_checkpoint
+from fcos.file_io import atomic_write
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fcos.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="tools/convert.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="checkpoint to convert (.pth or .pkl)")
     parser.add_argument("output", help="where to write the detectron2-layout .pth")
     parser.add_argument(
@@ -39,7 +39,7 @@ def convert(input_path: str, output_path: str, *, allow_unsafe_pickle: bool = Fa
     if os.path.abspath(input_path) == os.path.abspath(output_path):
         raise ValueError(f"{output_path}: output must differ from the input file")
     converted = read_checkpoint(input_path, allow_unsafe_pickle=allow_unsafe_pickle)
-    payload = {"model": converted.state_dict, "__author__": f"fcos.convert from {converted.layout.name} layout"}
+    payload = {"model": converted.state_dict, "__author__": f"tools/convert.py from {converted.layout.name} layout"}
     atomic_write(output_path, lambda f: torch.save(payload, f))
     return describe(converted, input_path) + f" -> {output_path}"
 

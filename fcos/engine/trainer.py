@@ -102,7 +102,7 @@ class FCOSTrainer(DefaultTrainer):
         self.checkpointer = FCOSCheckpointer(
             model,
             cfg.OUTPUT_DIR,
-            allow_unsafe_pickle=cfg.MODEL.FCOS.ALLOW_UNSAFE_PICKLE,
+            allow_unsafe_pickle=cfg.CHECKPOINT.ALLOW_UNSAFE_PICKLE,
             trainer=weakref.proxy(self),
         )
         self.start_iter = 0

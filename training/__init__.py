@@ -1,1 +1,0 @@
-"""Training for fcos-d2: config keys, dataset setup and checks, launch (NCCL or gloo), trainer, hooks."""
