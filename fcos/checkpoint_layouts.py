@@ -8,6 +8,7 @@ function of the file's content, shared by ``FCOSCheckpointer`` and the ``python 
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Tuple
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 from torch import Tensor
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from .safe_pickle import load_pickle, load_torch
 
@@ -77,9 +79,11 @@ def _as_tensors(weights: Mapping[str, Any], path: str) -> Dict[str, Tensor]:
 
 
 def _strip_module_prefix(weights: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """Remove the ``module.`` that (Distributed)DataParallel adds to every key."""
+    """Remove the ``module.`` that (Distributed)DataParallel adds to every key (only if all have it)."""
     if weights and all(k.startswith(_MODULE_PREFIX) for k in weights):
-        return {k[len(_MODULE_PREFIX) :]: v for k, v in weights.items()}
+        stripped = OrderedDict(weights)
+        consume_prefix_in_state_dict_if_present(stripped, _MODULE_PREFIX)
+        return dict(stripped)
     return weights
 
 

@@ -11,7 +11,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.layers import NaiveSyncBatchNorm, ShapeSpec
+from detectron2.layers import ShapeSpec, get_norm
 from torch import Tensor, nn
 
 
@@ -26,21 +26,17 @@ class Scale(nn.Module):
         return x * self.scale
 
 
-def _norm_layer(norm: str, channels: int) -> nn.Module:
-    """GN/BN/SyncBN/none for the towers.
+# HEAD_NORM -> detectron2's ``get_norm`` name. "SyncBN" is detectron2's NaiveSyncBatchNorm: it syncs
+# statistics across processes with any torch.distributed backend (gloo on CPU included) and is plain
+# BN in a single process; get_norm's own "SyncBN" is torch's SyncBatchNorm, which needs CUDA.
+_GET_NORM_NAMES = {"GN": "GN", "BN": "BN", "SyncBN": "naiveSyncBN", "": ""}
 
-    "SyncBN" uses detectron2's NaiveSyncBatchNorm: it syncs statistics across processes with any
-    torch.distributed backend (gloo on CPU included) and is plain BN in a single process.
-    """
-    if norm == "GN":
-        return nn.GroupNorm(32, channels)
-    if norm == "BN":
-        return nn.BatchNorm2d(channels)
-    if norm == "SyncBN":
-        return NaiveSyncBatchNorm(channels)
-    if norm == "":
-        return nn.Identity()
-    raise ValueError(f"MODEL.FCOS.HEAD_NORM: unknown norm {norm!r}; choose one of 'GN', 'BN', 'SyncBN', ''")
+
+def _norm_layer(norm: str, channels: int) -> nn.Module:
+    """GN/BN/SyncBN/none for the towers; "none" is an Identity so the convs keep their indices."""
+    if norm not in _GET_NORM_NAMES:
+        raise ValueError(f"MODEL.FCOS.HEAD_NORM: unknown norm {norm!r}; choose one of {list(_GET_NORM_NAMES)}")
+    return get_norm(_GET_NORM_NAMES[norm], channels) or nn.Identity()
 
 
 def _tower(num_convs: int, channels: int, norm: str) -> nn.Sequential:
