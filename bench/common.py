@@ -21,12 +21,12 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 from detectron2 import model_zoo
-from detectron2.config import CfgNode, get_cfg, instantiate
+from detectron2.config import CfgNode, instantiate
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from torch import nn
 
-from fcos import add_fcos_config
+from fcos.engine.config import get_fcos_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 OURS_CONFIG = REPO / "configs" / "fcos_R_50_FPN.yaml"
@@ -39,8 +39,7 @@ FULL_SIZE = (800, 1333)
 
 def ours_cfg(opts: Sequence[str] = ()) -> CfgNode:
     """The project's default R-50 config on CPU, no weights file, the peer's FREEZE_AT; ``opts`` last."""
-    cfg = get_cfg()
-    add_fcos_config(cfg)
+    cfg = get_fcos_cfg()
     cfg.merge_from_file(str(OURS_CONFIG))
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = "cpu"
