@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 OPT_IN_HINT = (
     "if you trust this file, set CHECKPOINT.ALLOW_UNSAFE_PICKLE True "
-    "(or pass --allow-unsafe-pickle to python -m fcos.convert)"
+    "(or pass --allow-unsafe-pickle to python tools/convert.py)"
 )
 
 # (module, name) pairs a numpy-array pickle needs, in both numpy 1 ("numpy.core") and numpy 2
