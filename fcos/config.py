@@ -1,9 +1,9 @@
 """FCOS config keys (``MODEL.FCOS.*``) and their build-time validation.
 
-The key names and defaults are the seed project's, so its YAML files keep working; the four flavour
-switches (``TOP_BLOCK_IN_FEATURE``, ``GRID_OFFSET``, ``INFERENCE_TOPK_FIRST``, ``POSTPROCESS``) are new
-and default to the seed/cvpods behaviour that its pretrained checkpoint was trained with. Every key is
-described in docs/MODEL.md.
+The key names and defaults are the seed project's, so its YAML files keep working; the four
+flavour switches (``TOP_BLOCK_IN_FEATURE``, ``GRID_OFFSET``, ``INFERENCE_TOPK_FIRST``,
+``POSTPROCESS``) are new and default to the seed/cvpods behaviour that its pretrained checkpoint was
+trained with. Every key is described in docs/MODEL.md.
 """
 from __future__ import annotations
 
@@ -52,11 +52,11 @@ def add_fcos_config(cfg: CN) -> None:
     ]
     # All-reduce the loss normalizers over processes (a no-op in one process).
     _C.MODEL.FCOS.NORM_SYNC = False
-    # Flavour switches: seed/cvpods (default) vs. official FCOS (``p5``, ``0.5``, ``False``, ``official``).
+    # Flavour switches: seed/cvpods (default) vs. official FCOS (p5, 0.5, False, official).
     _C.MODEL.FCOS.TOP_BLOCK_IN_FEATURE = "res5"
     _C.MODEL.FCOS.GRID_OFFSET = 0.0
     _C.MODEL.FCOS.INFERENCE_TOPK_FIRST = True
-    # "seed": detectron2's NMS; "official": clip to the input, "+1" IoU NMS, maskrcnn-benchmark's cut.
+    # "seed": detectron2's NMS; "official": clip to the input, "+1" IoU NMS, the official cut.
     _C.MODEL.FCOS.POSTPROCESS = "seed"
     # CPU inference in channels-last with frozen BN folded into the convolutions (float rounding
     # differences only); False computes exactly as detectron2 does.
@@ -116,7 +116,8 @@ def validate_fcos_config(cfg: CN, backbone_shapes: Dict[str, ShapeSpec]) -> None
         )
     if fc.POSTPROCESS not in POSTPROCESS_STYLES:
         raise _fail(
-            "POSTPROCESS", f"{fc.POSTPROCESS!r}; choose 'seed' (seed/cvpods) or 'official' (official FCOS)"
+            "POSTPROCESS",
+            f"{fc.POSTPROCESS!r}; choose 'seed' (seed/cvpods) or 'official' (official FCOS)",
         )
     if not isinstance(fc.FAST_CPU_INFERENCE, bool):
         raise _fail("FAST_CPU_INFERENCE", f"{fc.FAST_CPU_INFERENCE!r} must be True or False")

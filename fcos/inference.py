@@ -1,11 +1,11 @@
 """FCOS decoding for both flavours (docs/MODEL.md, "Decoding").
 
 Candidates per level: the seed/cvpods order sorts all H*W*K class probabilities, keeps the first
-min(TOPK_CANDIDATES_TEST, H*W) and drops prob <= threshold; the official order keeps prob > threshold,
-then the top TOPK_CANDIDATES_TEST by prob * centerness. Post-processing: the seed runs detectron2's
-class-aware NMS and keeps the first DETECTIONS_PER_IMAGE; the official code clips to the input,
-removes small boxes, runs maskrcnn-benchmark's class-aware NMS with "+1" pixel areas and keeps every
-detection scoring at least the DETECTIONS_PER_IMAGE-th best.
+min(TOPK_CANDIDATES_TEST, H*W) and drops prob <= threshold; the official order keeps prob >
+threshold, then the top TOPK_CANDIDATES_TEST by prob * centerness. Post-processing: the seed runs
+detectron2's class-aware NMS and keeps the first DETECTIONS_PER_IMAGE; the official code clips to
+the input, removes small boxes, runs maskrcnn-benchmark's class-aware NMS with "+1" pixel areas and
+keeps every detection scoring at least the DETECTIONS_PER_IMAGE-th best.
 """
 from __future__ import annotations
 
@@ -26,13 +26,13 @@ def decode_boxes(deltas: Tensor, points: Tensor, weights: Sequence[float]) -> Te
 def seed_topk(probs: Tensor, score_thresh: float, num_topk: int) -> Tuple[Tensor, Tensor]:
     """The seed's "sort everything, keep ``num_topk``, then threshold" on flat probabilities.
 
-    Returns flat indices and probabilities, by decreasing probability. Thresholding first selects the
-    same set without sorting every value: each value above the threshold is strictly greater than each
-    value below it, so the first ``num_topk`` of the full sort are the values above the threshold when
-    there are at most ``num_topk`` of them, and otherwise the ``num_topk`` largest of them. That
-    largest-``num_topk`` set is unique unless equal values straddle the cut; then which of them the
-    seed keeps depends on the tie order of ``torch.sort`` over all values (not a stable sort), so that
-    case runs the seed's full sort. Among kept values that are exactly equal the order may differ from
+    Returns flat indices and probabilities, by decreasing probability. Thresholding first selects
+    the same set without sorting every value: each value above the threshold is strictly greater
+    than each value below it, so the first ``num_topk`` of the full sort are the values above the
+    threshold when there are at most ``num_topk`` of them, and otherwise the ``num_topk`` largest of
+    them. That set is unique unless equal values straddle the cut; then which of them the seed keeps
+    depends on the tie order of ``torch.sort`` over all values (not a stable sort), so that case
+    runs the seed's full sort. Among kept values that are exactly equal the order may differ from
     the seed's; it matters only for detections with exactly equal final scores.
     """
     above = torch.nonzero(probs > score_thresh, as_tuple=True)[0]
@@ -86,10 +86,9 @@ def clip_legacy(boxes: Tensor, image_size: Tuple[int, int]) -> Tuple[Tensor, Ten
     """
     height, width = image_size
     x0, y0, x1, y1 = boxes.unbind(dim=1)
-    clipped = torch.stack(
-        (x0.clamp(0, width - 1), y0.clamp(0, height - 1), x1.clamp(0, width - 1), y1.clamp(0, height - 1)),
-        dim=1,
-    )
+    x0, x1 = x0.clamp(0, width - 1), x1.clamp(0, width - 1)
+    y0, y1 = y0.clamp(0, height - 1), y1.clamp(0, height - 1)
+    clipped = torch.stack((x0, y0, x1, y1), dim=1)
     keep = (clipped[:, 2] - clipped[:, 0] + 1 >= 0) & (clipped[:, 3] - clipped[:, 1] + 1 >= 0)
     return clipped, keep
 
@@ -121,13 +120,15 @@ def _greedy_keep(suppresses: Tensor) -> Tensor:
     return ~removed
 
 
-def legacy_batched_nms(boxes: Tensor, scores: Tensor, classes: Tensor, iou_threshold: float) -> Tensor:
+def legacy_batched_nms(
+    boxes: Tensor, scores: Tensor, classes: Tensor, iou_threshold: float
+) -> Tensor:
     """Class-aware NMS with "+1" areas (maskrcnn-benchmark's ``boxlist_ml_nms``).
 
     Boxes of different classes never suppress each other; within a class a box is removed when its
-    "+1" IoU with a kept higher-scoring box is > ``iou_threshold``. Classes are processed one at a time
-    on their original coordinates: a per-class coordinate offset (detectron2's ``batched_nms``) would
-    round the coordinates and change the IoU values.
+    "+1" IoU with a kept higher-scoring box is > ``iou_threshold``. Classes are processed one at a
+    time on their original coordinates: a per-class coordinate offset (detectron2's
+    ``batched_nms``) would round the coordinates and change the IoU values.
 
     Returns:
         kept indices by decreasing score.
@@ -173,8 +174,8 @@ def image_candidates(
 
     Args:
         logits/deltas/centerness/points: one tensor per level, (H*W, K) / (H*W, 4) / (H*W,) / (H*W, 2).
-        postprocess: "official" clips the boxes to ``image_size`` (H, W) of the network input and drops
-            the ones ``clip_legacy`` removes; "seed" leaves them as decoded.
+        postprocess: "official" clips the boxes to ``image_size`` (H, W) of the network input and
+            drops the ones ``clip_legacy`` removes; "seed" leaves them as decoded.
     """
     boxes_all, scores_all, classes_all = [], [], []
     for logits_l, deltas_l, ctr_l, points_l in zip(logits, deltas, centerness, points):

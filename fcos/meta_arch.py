@@ -3,9 +3,10 @@
 Built on detectron2's ``DenseDetector`` (pre-processing, backbone -> head plumbing, post-processing to
 the requested output size); this class adds FCOS's grid points, target assignment, losses and decoding.
 
-With ``MODEL.FCOS.FAST_CPU_INFERENCE`` (default), CPU inference runs in channels-last (NHWC) memory
-format, with the backbone's frozen BatchNorms folded into their convolutions (``FoldedFrozenBNConv2d``);
-that changes results by float rounding only (measured bound in docs/MODEL.md, "Fast CPU path").
+With ``MODEL.FCOS.FAST_CPU_INFERENCE`` (default), CPU inference runs in channels-last (NHWC)
+memory format, with the backbone's frozen BatchNorms folded into their convolutions
+(``FoldedFrozenBNConv2d``); that changes results by float rounding only (measured bound in
+docs/MODEL.md, "Fast CPU path").
 Training, other devices and ``FAST_CPU_INFERENCE False`` keep detectron2's NCHW arithmetic exactly.
 Module and parameter names are untouched (checkpoint contract).
 """
@@ -176,8 +177,9 @@ class FCOS(DenseDetector):
     ) -> List[Tuple[Tensor, Tensor, Tensor]]:
         """Pre-NMS (boxes, scores, classes) per image, boxes in network-input pixels.
 
-        With the official post-processing the boxes are already clipped to the network input. Public so
-        that test-time augmentation can merge the candidates of several inputs before one NMS.
+        With the official post-processing the boxes are already clipped to the network input.
+        Public so that test-time augmentation can merge the candidates of several inputs before one
+        NMS.
         """
         points = self._points(features)
         logits, deltas, centerness = self._flat_predictions(predictions)

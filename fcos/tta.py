@@ -1,6 +1,7 @@
 """FCOS test-time augmentation in the style of the official FCOS ``BBOX_AUG`` (``fcos_core/engine/bbox_aug.py``).
 
-detectron2's ``GeneralizedRCNNWithTTA`` only accepts R-CNN models. The official FCOS recipe, kept here:
+detectron2's ``GeneralizedRCNNWithTTA`` only accepts R-CNN models. The official FCOS recipe, kept
+here:
 
 * run the detector on several resized copies of the image (``TEST.AUG.MIN_SIZES`` shortest edges, longest
   edge at most ``TEST.AUG.MAX_SIZE``) and, with ``TEST.AUG.FLIP``, on their horizontal flips;

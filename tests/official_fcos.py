@@ -136,9 +136,9 @@ def _tower(x: Tensor, sd: Dict[str, Tensor], name: str, num_convs: int) -> Tenso
 
 
 def _ml_nms(boxes: Tensor, scores: Tensor, labels: Tensor, thresh: float) -> Tensor:
-    """``boxlist_ml_nms``: per label, visit boxes by decreasing score; a kept box removes every later
-    box of its label with "+1" IoU > thresh. Kept indices in ascending index order, as the kernel
-    returns them."""
+    """``boxlist_ml_nms``: per label, visit boxes by decreasing score; a kept box removes every
+    later box of its label with "+1" IoU > thresh. Kept indices in ascending index order, as the
+    kernel returns them."""
     removed = torch.zeros(len(boxes), dtype=torch.bool)
     for label in labels.unique():
         members = torch.nonzero(labels == label).squeeze(1)
@@ -185,9 +185,10 @@ def official_detections(
 
     Preprocessing as maskrcnn-benchmark (subtract the pixel mean, std 1, zero-pad to a multiple of 32);
     decoding and post-processing as FCOSPostProcessor with centerness on the regression branch and
-    NORM_REG_TARGETS. Boxes are in network-input pixels, in the order the official code returns them.
-    ``bn_eps`` / ``grid_offset_half`` / ``rank_by_centerness`` / ``clip_before_nms`` / ``plus_one_nms``
-    exist so that a test can show that the comparison is sensitive to each official convention
+    NORM_REG_TARGETS. Boxes are in network-input pixels, in the order the official code returns
+    them. ``bn_eps``, ``grid_offset_half``, ``rank_by_centerness``, ``clip_before_nms`` and
+    ``plus_one_nms`` exist so that a test can show that the comparison is sensitive to each official
+    convention
     (without clipping, boxes are clipped to [0, W] x [0, H] after NMS instead, as detectron2 does).
     """
     sd = {k[len("module.") :]: v for k, v in sd.items()}
@@ -231,7 +232,8 @@ def official_detections(
             widths = level_boxes[:, 2] - level_boxes[:, 0] + 1
             heights = level_boxes[:, 3] - level_boxes[:, 1] + 1
             big_enough = torch.nonzero((widths >= 0) & (heights >= 0)).squeeze(1)
-            level_boxes, level_scores, cls = level_boxes[big_enough], level_scores[big_enough], cls[big_enough]
+            level_boxes, level_scores = level_boxes[big_enough], level_scores[big_enough]
+            cls = cls[big_enough]
         boxes_all.append(level_boxes)
         scores_all.append(level_scores)
         classes_all.append(cls)

@@ -3,8 +3,8 @@
 The checkpoint is built in the test with the official names and shapes (random values), loaded through
 FCOSCheckpointer into the model of configs/fcos_R_50_FPN_official.yaml, and compared with a functional
 re-computation of the official math and post-processing (tests/official_fcos.py) on a 90x120 image.
-The comparison is on the model's own detections in network-input pixels (``forward_inference``), before
-detectron2's ``detector_postprocess`` rescales them to the requested output size.
+The comparison is on the model's own detections in network-input pixels (``forward_inference``),
+before detectron2's ``detector_postprocess`` rescales them to the requested output size.
 """
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ def _reference(cfg, official, image, **variant) -> Tuple[Tensor, Tensor, Tensor]
                 official,
                 image,
                 pixel_mean=tuple(cfg.MODEL.PIXEL_MEAN),
-                **{"pre_nms_top_n": PRE_NMS_TOP_N, "max_detections": DETECTIONS_PER_IMAGE, **variant},
+                **{"pre_nms_top_n": PRE_NMS_TOP_N, "max_detections": DETECTIONS_PER_IMAGE}
+                | variant,
             )
         )
 
@@ -77,8 +78,8 @@ def test_same_detections_as_official_math(setup) -> None:
     cfg, official, image, (boxes, scores, classes) = setup
     ref_boxes, ref_scores, ref_classes = _reference(cfg, official, image)
 
-    # The example exercises every stage: top-k cuts candidates, clipping moves boxes onto the last pixel
-    # row or column, NMS removes some, the per-image cap applies.
+    # The example exercises every stage: top-k cuts candidates, clipping moves boxes onto the last
+    # pixel row or column, NMS removes some, the per-image cap applies.
     assert len(ref_scores) == DETECTIONS_PER_IMAGE
     assert len(_reference(cfg, official, image, max_detections=10**6)[1]) > DETECTIONS_PER_IMAGE
     assert (ref_boxes[:, 2] == WIDTH - 1).any() and (ref_boxes[:, 3] == HEIGHT - 1).any()

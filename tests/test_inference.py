@@ -72,7 +72,7 @@ def _image(**kwargs):
     deltas = [torch.tensor([[10.0, 10, 10, 10], [10, 10, 11, 10], [5, 5, 5, 5]])]
     ctr = [torch.full((3,), 20.0)]  # sigmoid ~ 1
     points = [torch.tensor([[50.0, 50.0], [50.0, 50.0], [200.0, 200.0]])]
-    # Official ranking: all four candidates of the three points pass (the seed order would cap at 3).
+    # Official ranking: all four candidates of the three points pass (the seed order caps at 3).
     args = dict(score_thresh=0.05, topk=1000, topk_first=False, box_weights=(1.0, 1.0, 1.0, 1.0))
     args.update({k: v for k, v in kwargs.items() if k in args})
     candidates = image_candidates(logits, deltas, ctr, points, **args)
@@ -146,7 +146,8 @@ def test_seed_order_resolves_ties_at_the_cut_as_the_seed_sort_does():
 
 
 def _legacy_nms(boxes, scores, classes, thresh):
-    return legacy_batched_nms(torch.tensor(boxes), torch.tensor(scores), torch.tensor(classes), thresh).tolist()
+    boxes, scores, classes = torch.tensor(boxes), torch.tensor(scores), torch.tensor(classes)
+    return legacy_batched_nms(boxes, scores, classes, thresh).tolist()
 
 
 def test_legacy_nms_counts_pixels_inclusively():
@@ -154,10 +155,13 @@ def test_legacy_nms_counts_pixels_inclusively():
     81, 63, 63 -> 0.778. At threshold 0.79 only the "+1" convention suppresses the second box."""
     boxes, scores = [[0.0, 0, 9, 9], [0.0, 0, 9, 7]], [0.9, 0.8]
     assert _legacy_nms(boxes, scores, [0, 0], 0.79) == [0]
-    assert select_detections(torch.tensor(boxes), torch.tensor(scores), torch.tensor([0, 0]), (20, 20),
-                             nms_thresh=0.79, max_detections=100).scores.tolist() == pytest.approx(scores)
+    seed = select_detections(
+        torch.tensor(boxes), torch.tensor(scores), torch.tensor([0, 0]), (20, 20),
+        nms_thresh=0.79, max_detections=100,
+    )
+    assert seed.scores.tolist() == pytest.approx(scores)
     assert _legacy_nms(boxes, scores, [0, 1], 0.79) == [0, 1]  # class-aware
-    # Boxes sharing only the column x = 1: "+1" intersection 1 x 2, areas 4 and 4 -> IoU 1/3 (else 0).
+    # Sharing only the column x = 1: "+1" intersection 1 x 2, areas 4 and 4 -> IoU 1/3 (else 0).
     assert _legacy_nms([[0.0, 0, 1, 1], [1.0, 0, 2, 1]], [0.9, 0.8], [0, 0], 0.3) == [0]
     assert _legacy_nms([[0.0, 0, 1, 1], [1.0, 0, 2, 1]], [0.9, 0.8], [0, 0], 0.34) == [0, 1]
 
@@ -168,12 +172,15 @@ def test_legacy_nms_is_greedy_and_strict():
     boxes = [[0.0, 0, 9, 9], [3.0, 0, 12, 9], [6.0, 0, 15, 9]]
     assert _legacy_nms(boxes, [0.7, 0.9, 0.8], [2, 2, 2], 0.5) == [1]
     assert _legacy_nms(boxes, [0.9, 0.8, 0.7], [2, 2, 2], 0.5) == [0, 2]
-    assert _legacy_nms([[0.0, 0, 9, 9], [0.0, 0, 9, 4]], [0.9, 0.8], [0, 0], 0.5) == [0, 1]  # IoU 0.5
+    # IoU exactly 0.5 (50 / 100) does not suppress.
+    assert _legacy_nms([[0.0, 0, 9, 9], [0.0, 0, 9, 4]], [0.9, 0.8], [0, 0], 0.5) == [0, 1]
     assert _legacy_nms(torch.zeros(0, 4).tolist(), [], [], 0.5) == []
 
 
 def test_clip_legacy_uses_the_last_pixel_index():
-    boxes = torch.tensor([[-5.0, -3, 130, 50], [125.0, 10, 140, 20], [10.0, 10, 8, 20], [5.0, 6, 7, 8]])
+    boxes = torch.tensor(
+        [[-5.0, -3, 130, 50], [125.0, 10, 140, 20], [10.0, 10, 8, 20], [5.0, 6, 7, 8]]
+    )
     clipped, keep = clip_legacy(boxes, (100, 120))
     assert clipped.tolist() == [[0, 0, 119, 50], [119, 10, 119, 20], [10, 10, 8, 20], [5, 6, 7, 8]]
     # remove_small_boxes(0) keeps "+1" sizes >= 0: the one-column box stays, x1 - x0 + 1 = -1 goes.
@@ -195,9 +202,13 @@ def test_official_postprocess_clips_before_nms():
     logits, ctr = [logits_of([[0.9], [0.8]])], [torch.full((2,), 20.0)]
     points = [torch.zeros(2, 2)]
     deltas = [torch.cat((-boxes[:, :2], boxes[:, 2:]), dim=1)]
-    official = image_candidates(logits, deltas, ctr, points, postprocess="official", image_size=(20, 20), **args)
+    official = image_candidates(
+        logits, deltas, ctr, points, postprocess="official", image_size=(20, 20), **args
+    )
     assert official[0].tolist() == [[0, 0, 19, 19], [0, 0, 19, 17]]
-    result = select_detections(*official, (20, 20), nms_thresh=0.6, max_detections=100, postprocess="official")
+    result = select_detections(
+        *official, (20, 20), nms_thresh=0.6, max_detections=100, postprocess="official"
+    )
     assert result.pred_boxes.tensor.tolist() == [[0, 0, 19, 19]]
     seed = image_candidates(logits, deltas, ctr, points, **args)
     assert seed[0].tolist() == boxes.tolist()

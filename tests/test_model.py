@@ -66,7 +66,12 @@ def test_one_sgd_step_lowers_the_loss_on_a_fixed_batch():
 def test_official_flavour_differs_from_seed_only_in_switches():
     seed = build_model(small_cfg())
     official = build_model(
-        small_cfg(TOP_BLOCK_IN_FEATURE="p5", GRID_OFFSET=0.5, INFERENCE_TOPK_FIRST=False, POSTPROCESS="official")
+        small_cfg(
+            TOP_BLOCK_IN_FEATURE="p5",
+            GRID_OFFSET=0.5,
+            INFERENCE_TOPK_FIRST=False,
+            POSTPROCESS="official",
+        )
     )
     seed_shapes = {k: v.shape for k, v in seed.state_dict().items()}
     official_shapes = {k: v.shape for k, v in official.state_dict().items()}
