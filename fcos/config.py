@@ -3,9 +3,10 @@
 ``add_fcos_config`` is the one entry point: it adds the model keys and the checkpoint-loading policy.
 The training application's own keys (optimizer, embedded dataset) are added by ``fcos.engine.config``.
 
-The key names and defaults are the seed project's, so its YAML files keep working; the three flavour
-switches (``TOP_BLOCK_IN_FEATURE``, ``GRID_OFFSET``, ``INFERENCE_TOPK_FIRST``) are new and default to the
-seed/cvpods behaviour that its pretrained checkpoint was trained with.
+The key names and defaults are the seed project's, so its YAML files keep working; the four
+flavour switches (``TOP_BLOCK_IN_FEATURE``, ``GRID_OFFSET``, ``INFERENCE_TOPK_FIRST``,
+``POSTPROCESS``) are new and default to the seed/cvpods behaviour that its pretrained checkpoint was
+trained with. Every key is described in docs/MODEL.md.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from detectron2.layers import ShapeSpec
 HEAD_NORMS = ("GN", "BN", "SyncBN", "")
 IOU_LOSS_TYPES = ("iou", "linear_iou", "giou")
 TOP_BLOCK_IN_FEATURES = ("res5", "p5")
+POSTPROCESS_STYLES = ("seed", "official")
 
 
 class FCOSConfigError(ValueError):
@@ -53,10 +55,15 @@ def add_fcos_config(cfg: CN) -> None:
     ]
     # All-reduce the loss normalizers over processes (a no-op in one process).
     _C.MODEL.FCOS.NORM_SYNC = False
-    # Flavour switches: seed/cvpods (default) vs. official FCOS (``p5``, ``0.5``, ``False``).
+    # Flavour switches: seed/cvpods (default) vs. official FCOS (p5, 0.5, False, official).
     _C.MODEL.FCOS.TOP_BLOCK_IN_FEATURE = "res5"
     _C.MODEL.FCOS.GRID_OFFSET = 0.0
     _C.MODEL.FCOS.INFERENCE_TOPK_FIRST = True
+    # "seed": detectron2's NMS; "official": clip to the input, "+1" IoU NMS, the official cut.
+    _C.MODEL.FCOS.POSTPROCESS = "seed"
+    # CPU inference in channels-last with frozen BN folded into the convolutions (float rounding
+    # differences only); False computes exactly as detectron2 does.
+    _C.MODEL.FCOS.FAST_CPU_INFERENCE = True
     # Bounds the (points x GT boxes) work of target assignment; results do not depend on it.
     _C.MODEL.FCOS.ASSIGNMENT_CHUNK_ELEMENTS = 1 << 21
     # How checkpoints are read, a loading policy rather than a model parameter. Off: files are read
@@ -120,6 +127,15 @@ def validate_fcos_config(cfg: CN, backbone_shapes: Dict[str, ShapeSpec]) -> None
             "TOP_BLOCK_IN_FEATURE",
             f"{fc.TOP_BLOCK_IN_FEATURE!r}; choose 'res5' (seed/cvpods) or 'p5' (official FCOS)",
         )
+    if fc.POSTPROCESS not in POSTPROCESS_STYLES:
+        raise _fail(
+            "POSTPROCESS",
+            f"{fc.POSTPROCESS!r}; choose 'seed' (seed/cvpods) or 'official' (official FCOS)",
+        )
+    if not isinstance(fc.FAST_CPU_INFERENCE, bool):
+        raise _fail("FAST_CPU_INFERENCE", f"{fc.FAST_CPU_INFERENCE!r} must be True or False")
+    if fc.TOPK_CANDIDATES_TEST < 1:
+        raise _fail("TOPK_CANDIDATES_TEST", f"{fc.TOPK_CANDIDATES_TEST} must be >= 1")
     if fc.NUM_CLASSES < 1:
         raise _fail("NUM_CLASSES", f"{fc.NUM_CLASSES} must be >= 1 (FCOS has no background class)")
     if fc.NUM_CONVS < 0:

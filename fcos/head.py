@@ -1,8 +1,8 @@
 """The FCOS head: two conv towers shared across pyramid levels, plus class, box and centerness outputs.
 
-Module names are part of the checkpoint contract (see FCOS_SPEC.md): ``cls_subnet``/``bbox_subnet`` are
-single ``nn.Sequential``s of [conv, norm, ReLU] so that convs sit at indices 0, 3, 6, 9 as in the seed,
-cvpods and (after renaming) official FCOS checkpoints.
+Module names are part of the checkpoint contract (docs/MODEL.md, "Network"): ``cls_subnet`` and
+``bbox_subnet`` are single ``nn.Sequential``s of [conv, norm, ReLU] so that convs sit at indices
+0, 3, 6, 9 as in the seed, cvpods and (after renaming) official FCOS checkpoints.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""FCOS losses (FCOS_SPEC.md, "Losses"): focal classification, IoU-family box regression, centerness BCE.
+"""FCOS losses (docs/MODEL.md, "Losses"): focal classification, IoU-family box regression,
+centerness BCE.
 
 Focal and GIoU come from fvcore; the IoU/linear-IoU variants on (l, t, r, b) distances are a few lines
 that fvcore does not have. Normalizers may be averaged over processes (NORM_SYNC) so that every

@@ -3,9 +3,12 @@
 Built on detectron2's ``DenseDetector`` (pre-processing, backbone -> head plumbing, post-processing to
 the requested output size); this class adds FCOS's grid points, target assignment, losses and decoding.
 
-CPU inference runs in channels-last (NHWC) memory format, with the backbone's frozen BatchNorms folded
-into their convolutions (``FoldedFrozenBNConv2d``); training and other devices keep detectron2's NCHW
-arithmetic exactly. Module and parameter names are untouched (checkpoint contract).
+With ``MODEL.FCOS.FAST_CPU_INFERENCE`` (default), CPU inference runs in channels-last (NHWC)
+memory format, with the backbone's frozen BatchNorms folded into their convolutions
+(``FoldedFrozenBNConv2d``); that changes results by float rounding only (measured bound in
+docs/MODEL.md, "Fast CPU path").
+Training, other devices and ``FAST_CPU_INFERENCE False`` keep detectron2's NCHW arithmetic exactly.
+Module and parameter names are untouched (checkpoint contract).
 """
 from __future__ import annotations
 
@@ -49,13 +52,17 @@ class FCOS(DenseDetector):
         score_thresh_test: float,
         topk_candidates_test: int,
         inference_topk_first: bool,
+        postprocess: str,
         nms_thresh_test: float,
         max_detections_per_image: int,
+        fast_cpu_inference: bool,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
     ) -> None:
         super().__init__(backbone, head, list(head_in_features), pixel_mean=pixel_mean, pixel_std=pixel_std)
-        fold_frozen_batchnorms(self.backbone)
+        self.fast_cpu_inference = fast_cpu_inference
+        if fast_cpu_inference:
+            fold_frozen_batchnorms(self.backbone)
         self.num_classes = num_classes
         self.fpn_strides = list(fpn_strides)
         self.grid_offset = grid_offset
@@ -68,6 +75,7 @@ class FCOS(DenseDetector):
         self.score_thresh_test = score_thresh_test
         self.topk_candidates_test = topk_candidates_test
         self.inference_topk_first = inference_topk_first
+        self.postprocess = postprocess
         self.nms_thresh_test = nms_thresh_test
         self.max_detections_per_image = max_detections_per_image
 
@@ -110,21 +118,23 @@ class FCOS(DenseDetector):
             "score_thresh_test": fc.SCORE_THRESH_TEST,
             "topk_candidates_test": fc.TOPK_CANDIDATES_TEST,
             "inference_topk_first": fc.INFERENCE_TOPK_FIRST,
+            "postprocess": fc.POSTPROCESS,
             "nms_thresh_test": fc.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "fast_cpu_inference": fc.FAST_CPU_INFERENCE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
 
     def preprocess_image(self, batched_inputs: List[Dict[str, Tensor]]) -> ImageList:
-        """detectron2's normalise-pad-batch; the batch is channels-last for CPU inference.
+        """detectron2's normalise-pad-batch; channels-last for CPU inference on the fast path.
 
         oneDNN runs NHWC convolutions, pooling and GroupNorm without reordering the maps, and the head's
         (N, C, H, W) -> (N, H*W, C) transposes become free views. Training stays NCHW: on this CPU
         stack the NHWC convolution backward is slower.
         """
         images = super().preprocess_image(batched_inputs)
-        if self.training or images.tensor.device.type != "cpu":
+        if self.training or not self.fast_cpu_inference or images.tensor.device.type != "cpu":
             return images
         return ImageList(images.tensor.contiguous(memory_format=torch.channels_last), images.image_sizes)
 
@@ -167,7 +177,9 @@ class FCOS(DenseDetector):
     ) -> List[Tuple[Tensor, Tensor, Tensor]]:
         """Pre-NMS (boxes, scores, classes) per image, boxes in network-input pixels.
 
-        Public so that test-time augmentation can merge the candidates of several inputs before one NMS.
+        With the official post-processing the boxes are already clipped to the network input.
+        Public so that test-time augmentation can merge the candidates of several inputs before one
+        NMS.
         """
         points = self._points(features)
         logits, deltas, centerness = self._flat_predictions(predictions)
@@ -181,6 +193,8 @@ class FCOS(DenseDetector):
                 topk=self.topk_candidates_test,
                 topk_first=self.inference_topk_first,
                 box_weights=self.box_reg_weights,
+                postprocess=self.postprocess,
+                image_size=tuple(images.image_sizes[i]),
             )
             for i in range(len(images))
         ]
@@ -197,6 +211,7 @@ class FCOS(DenseDetector):
                 tuple(image_size),
                 nms_thresh=self.nms_thresh_test,
                 max_detections=self.max_detections_per_image,
+                postprocess=self.postprocess,
             )
             for candidates, image_size in zip(self.candidates(images, features, predictions), images.image_sizes)
         ]

@@ -1,4 +1,4 @@
-"""FCOS grid points and ground-truth assignment (FCOS_SPEC.md, "Targets").
+"""FCOS grid points and ground-truth assignment (docs/MODEL.md, "Training targets").
 
 The reference assigns with dense (points x GT) tensors, whose memory grows with the number of GT boxes
 (~4 GiB extra at 5,000 boxes on an 800x1333 image). Here GT boxes are visited in chunks that bound the

@@ -1,14 +1,15 @@
 """FCOS test-time augmentation in the style of the official FCOS ``BBOX_AUG`` (``fcos_core/engine/bbox_aug.py``).
 
-The seed wrapped the model in detectron2's ``GeneralizedRCNNWithTTA``, which only accepts R-CNN models
-(seed defect 3). The official FCOS recipe, kept here:
+detectron2's ``GeneralizedRCNNWithTTA`` only accepts R-CNN models. The official FCOS recipe, kept
+here:
 
 * run the detector on several resized copies of the image (``TEST.AUG.MIN_SIZES`` shortest edges, longest
   edge at most ``TEST.AUG.MAX_SIZE``) and, with ``TEST.AUG.FLIP``, on their horizontal flips;
 * from every copy take the *candidates* of the normal decoding (per level: threshold, top-k, score
   sqrt(prob * centerness)) **before** NMS, and map their boxes back to the original image;
-* merge the candidates of all copies and run one class-aware NMS (``MODEL.FCOS.NMS_THRESH_TEST``), keep the
-  top ``TEST.DETECTIONS_PER_IMAGE``.
+* merge the candidates of all copies and run the model's own NMS and per-image cut
+  (``fcos.inference.select_detections`` with ``MODEL.FCOS.POSTPROCESS``, ``NMS_THRESH_TEST`` and
+  ``TEST.DETECTIONS_PER_IMAGE``).
 
 The official config lists the test size separately (identity, its flip, then ``SCALES`` with
 ``SCALE_H_FLIP``); detectron2's keys fold that into ``MIN_SIZES`` x ``FLIP`` (put ``INPUT.MIN_SIZE_TEST`` in
@@ -22,12 +23,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.layers import batched_nms
 from detectron2.modeling.test_time_augmentation import DatasetMapperTTA
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Instances
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .inference import select_detections
 from .meta_arch import FCOS
 
 
@@ -72,13 +73,18 @@ class FCOSWithTTA(nn.Module):
         boxes = torch.cat([m[0] for m in merged])
         scores = torch.cat([m[1] for m in merged])
         classes = torch.cat([m[2] for m in merged])
-        keep = batched_nms(boxes, scores, classes, self.model.nms_thresh_test)
-        keep = keep[: self.model.max_detections_per_image]
         image_size = (inputs["height"], inputs["width"])
-        result_boxes = Boxes(boxes[keep])
-        result_boxes.clip(image_size)
-        result = Instances(image_size, pred_boxes=result_boxes, scores=scores[keep], pred_classes=classes[keep])
-        return result[result_boxes.nonempty()]
+        result = select_detections(
+            boxes,
+            scores,
+            classes,
+            image_size,
+            nms_thresh=self.model.nms_thresh_test,
+            max_detections=self.model.max_detections_per_image,
+            postprocess=self.model.postprocess,
+        )
+        result.pred_boxes.clip(image_size)
+        return result[result.pred_boxes.nonempty()]
 
     def augmented_candidates(self, augmented: Dict) -> Tuple[Tensor, Tensor, Tensor]:
         """Pre-NMS candidates of one augmented input, boxes mapped back to the original image.

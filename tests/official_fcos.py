@@ -3,7 +3,9 @@
 Written from the official module structure, independently of ``fcos/``: key names and shapes of an
 R-50-FPN "FCOS_imprv" checkpoint, and a functional forward pass + decoding with the official
 conventions (FrozenBN without eps, stride in the 1x1 conv, P6 from P5, grid points at s*j + s//2,
-threshold then top-k by prob * centerness, sqrt(prob * centerness) scores).
+threshold then top-k by prob * centerness, sqrt(prob * centerness) scores) and its post-processing
+(``FCOSPostProcessor``: clip to the image with the last pixel index, ``remove_small_boxes(0)``, the
+class-aware "+1" NMS of ``boxlist_ml_nms``, the ``kthvalue`` cut to ``DETECTIONS_PER_IMG``).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms as torchvision_batched_nms
 
 R50_BLOCKS = (3, 4, 6, 3)
 STRIDES = (8, 16, 32, 64, 128)
@@ -133,6 +135,36 @@ def _tower(x: Tensor, sd: Dict[str, Tensor], name: str, num_convs: int) -> Tenso
     return x
 
 
+def _ml_nms(boxes: Tensor, scores: Tensor, labels: Tensor, thresh: float) -> Tensor:
+    """``boxlist_ml_nms``: per label, visit boxes by decreasing score; a kept box removes every
+    later box of its label with "+1" IoU > thresh. Kept indices in ascending index order, as the
+    kernel returns them."""
+    removed = torch.zeros(len(boxes), dtype=torch.bool)
+    for label in labels.unique():
+        members = torch.nonzero(labels == label).squeeze(1)
+        members = members[scores[members].sort(descending=True).indices]
+        for position, i in enumerate(members.tolist()):
+            if removed[i]:
+                continue
+            rest = members[position + 1 :]
+            a, b = boxes[i], boxes[rest]
+            width = torch.clamp(torch.min(a[2], b[:, 2]) - torch.max(a[0], b[:, 0]) + 1, min=0)
+            height = torch.clamp(torch.min(a[3], b[:, 3]) - torch.max(a[1], b[:, 1]) + 1, min=0)
+            inter = width * height
+            area_a = (a[2] - a[0] + 1) * (a[3] - a[1] + 1)
+            area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+            removed[rest[inter / (area_a + area_b - inter) > thresh]] = True
+    return torch.nonzero(~removed).squeeze(1)
+
+
+def _post_nms_cut(scores: Tensor, max_detections: int) -> Tensor:
+    """``select_over_all_levels``: keep scores >= the max_detections-th largest (ties kept)."""
+    if len(scores) > max_detections > 0:
+        image_thresh, _ = torch.kthvalue(scores.cpu(), len(scores) - max_detections + 1)
+        return torch.nonzero(scores >= image_thresh.item()).squeeze(1)
+    return torch.arange(len(scores))
+
+
 def official_detections(
     sd: Dict[str, Tensor],
     image: Tensor,
@@ -146,14 +178,18 @@ def official_detections(
     bn_eps: float = 0.0,
     grid_offset_half: bool = True,
     rank_by_centerness: bool = True,
+    clip_before_nms: bool = True,
+    plus_one_nms: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(boxes, scores, classes 0-based) of the official FCOS_imprv test path for one CHW BGR image.
 
     Preprocessing as maskrcnn-benchmark (subtract the pixel mean, std 1, zero-pad to a multiple of 32);
-    decoding as FCOSPostProcessor with centerness on the regression branch and NORM_REG_TARGETS; then
-    class-aware NMS and the top ``max_detections``, boxes clipped to the image (FCOS_SPEC.md "Decoding").
-    ``bn_eps`` / ``grid_offset_half`` / ``rank_by_centerness`` exist so that a test can show that the
-    comparison is sensitive to each official convention.
+    decoding and post-processing as FCOSPostProcessor with centerness on the regression branch and
+    NORM_REG_TARGETS. Boxes are in network-input pixels, in the order the official code returns
+    them. ``bn_eps``, ``grid_offset_half``, ``rank_by_centerness``, ``clip_before_nms`` and
+    ``plus_one_nms`` exist so that a test can show that the comparison is sensitive to each official
+    convention
+    (without clipping, boxes are clipped to [0, W] x [0, H] after NMS instead, as detectron2 does).
     """
     sd = {k[len("module.") :]: v for k, v in sd.items()}
     _, h, w = image.shape
@@ -184,13 +220,32 @@ def official_detections(
             keep = ranking.topk(pre_nms_top_n).indices
             score, point, cls = score[keep], point[keep], cls[keep]
         loc, d = locations[point], reg[point]
-        boxes_all.append(torch.stack((loc[:, 0] - d[:, 0], loc[:, 1] - d[:, 1], loc[:, 0] + d[:, 2], loc[:, 1] + d[:, 3]), 1))
-        scores_all.append(torch.sqrt(score))
+        level_boxes = torch.stack(
+            (loc[:, 0] - d[:, 0], loc[:, 1] - d[:, 1], loc[:, 0] + d[:, 2], loc[:, 1] + d[:, 3]), 1
+        )
+        level_scores = torch.sqrt(score)
+        if clip_before_nms:
+            level_boxes[:, 0].clamp_(min=0, max=w - 1)
+            level_boxes[:, 1].clamp_(min=0, max=h - 1)
+            level_boxes[:, 2].clamp_(min=0, max=w - 1)
+            level_boxes[:, 3].clamp_(min=0, max=h - 1)
+            widths = level_boxes[:, 2] - level_boxes[:, 0] + 1
+            heights = level_boxes[:, 3] - level_boxes[:, 1] + 1
+            big_enough = torch.nonzero((widths >= 0) & (heights >= 0)).squeeze(1)
+            level_boxes, level_scores = level_boxes[big_enough], level_scores[big_enough]
+            cls = cls[big_enough]
+        boxes_all.append(level_boxes)
+        scores_all.append(level_scores)
         classes_all.append(cls)
     boxes, scores, classes = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(classes_all)
-    keep = batched_nms(boxes, scores, classes, nms_thresh)[:max_detections]
-    boxes = boxes[keep]
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-    nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return boxes[nonempty], scores[keep][nonempty], classes[keep][nonempty]
+    if plus_one_nms:
+        keep = _ml_nms(boxes, scores, classes, nms_thresh)
+    else:
+        keep = torchvision_batched_nms(boxes, scores, classes, nms_thresh)
+    boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+    keep = _post_nms_cut(scores, max_detections)
+    boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+    if not clip_before_nms:
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    return boxes, scores, classes

@@ -149,6 +149,14 @@ def test_nms_hand_computed():
     assert post.batched_nms(boxes, scores, np.array([0, 0, 0, 0]), 0.85).tolist() == [0, 1, 2]
 
 
+def test_nms_plus_one_hand_computed():
+    """[0,0,9,9] vs [0,0,9,7]: "+1" IoU 80 / 100 = 0.8 (official flavour), plain IoU 63 / 81 = 0.78."""
+    boxes = np.array([[0, 0, 9, 9], [0, 0, 9, 7]], dtype=np.float32)
+    scores = np.array([0.9, 0.8], dtype=np.float32)
+    assert post.batched_nms(boxes, scores, np.array([0, 0]), 0.79, plus_one=True).tolist() == [0]
+    assert post.batched_nms(boxes, scores, np.array([0, 0]), 0.79).tolist() == [0, 1]
+
+
 def test_grid_points_match_the_model():
     from fcos.targets import grid_points
 

@@ -1,11 +1,16 @@
-"""Folding frozen BatchNorms into convolutions (CPU channels-last inference) keeps the numbers."""
+"""Folding frozen BatchNorms into convolutions (CPU channels-last inference) keeps the numbers; the
+switch MODEL.FCOS.FAST_CPU_INFERENCE False gives detectron2's exact arithmetic (full size: the slow
+tests/test_fast_inference_full_size.py)."""
 from __future__ import annotations
 
 import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_model
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.modeling.postprocessing import detector_postprocess
 
 from fcos.fast_inference import FoldedFrozenBNConv2d
+from inference_helpers import random_fcos, tiny_cfg
 from model_utils import small_cfg
 
 
@@ -45,3 +50,41 @@ def test_single_folded_conv_uses_eps_and_bias():
         conv.__class__ = FoldedFrozenBNConv2d
         fast = conv(x.contiguous(memory_format=torch.channels_last))
     assert torch.allclose(fast, reference, rtol=1e-5, atol=1e-4)
+
+
+def _frozen_bn_model(fast: bool):
+    opts = ("MODEL.RESNETS.NORM", "FrozenBN", "MODEL.FCOS.FAST_CPU_INFERENCE", str(fast))
+    model = random_fcos(tiny_cfg(*opts))
+    generator = torch.Generator().manual_seed(1)
+    for m in model.backbone.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            n = m.weight.numel()
+            m.weight.copy_(0.5 + torch.rand(n, generator=generator))
+            m.bias.copy_(0.2 * torch.randn(n, generator=generator))
+            m.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
+            m.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+    return model
+
+
+def test_fast_path_off_computes_exactly_as_detectron2():
+    """FAST_CPU_INFERENCE False: no folded convolution, NCHW maps, and detections bit-identical to
+    detectron2's own pipeline (DenseDetector pre-processing, modules as built,
+    detector_postprocess). The fast path on the same weights differs by rounding, so the comparison
+    can tell them apart."""
+    off = _frozen_bn_model(fast=False)
+    assert not any(isinstance(m, FoldedFrozenBNConv2d) for m in off.modules())
+    inputs = [{"image": torch.rand(3, 128, 160, generator=torch.Generator().manual_seed(2)) * 255}]
+    with torch.no_grad():
+        images = DenseDetector.preprocess_image(off, inputs)
+        features = off.backbone(images.tensor)
+        features = [features[name] for name in off.head_in_features]
+        raw = off.forward_inference(images, features, off.head(features))[0]
+        exact = detector_postprocess(raw, 128, 160)
+        got = off(inputs)[0]["instances"]
+        fast = _frozen_bn_model(fast=True)(inputs)[0]["instances"]
+    assert len(exact) > 0
+    assert torch.equal(got.pred_boxes.tensor, exact.pred_boxes.tensor)
+    assert torch.equal(got.scores, exact.scores)
+    assert torch.equal(got.pred_classes, exact.pred_classes)
+    assert not torch.equal(fast.scores, exact.scores)
+    assert torch.allclose(fast.scores, exact.scores, atol=1e-5)

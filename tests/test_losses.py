@@ -1,4 +1,4 @@
-"""FCOS losses on tiny hand-computed tensors (FCOS_SPEC.md, "Losses")."""
+"""FCOS losses on tiny hand-computed tensors (docs/MODEL.md, "Losses")."""
 from __future__ import annotations
 
 import math

@@ -65,7 +65,14 @@ def test_one_sgd_step_lowers_the_loss_on_a_fixed_batch():
 
 def test_official_flavour_differs_from_seed_only_in_switches():
     seed = build_model(small_cfg())
-    official = build_model(small_cfg(TOP_BLOCK_IN_FEATURE="p5", GRID_OFFSET=0.5, INFERENCE_TOPK_FIRST=False))
+    official = build_model(
+        small_cfg(
+            TOP_BLOCK_IN_FEATURE="p5",
+            GRID_OFFSET=0.5,
+            INFERENCE_TOPK_FIRST=False,
+            POSTPROCESS="official",
+        )
+    )
     seed_shapes = {k: v.shape for k, v in seed.state_dict().items()}
     official_shapes = {k: v.shape for k, v in official.state_dict().items()}
     assert seed_shapes.keys() == official_shapes.keys()
@@ -115,6 +122,9 @@ BAD = [
     ({"PRIOR_PROB": 0.0}, "MODEL.FCOS.PRIOR_PROB"),
     ({"GRID_OFFSET": 1.0}, "MODEL.FCOS.GRID_OFFSET"),
     ({"BBOX_REG_WEIGHTS": (1.0, 1.0, 1.0)}, "MODEL.FCOS.BBOX_REG_WEIGHTS"),
+    ({"POSTPROCESS": "cvpods"}, "MODEL.FCOS.POSTPROCESS"),
+    ({"FAST_CPU_INFERENCE": 1}, "MODEL.FCOS.FAST_CPU_INFERENCE"),
+    ({"TOPK_CANDIDATES_TEST": 0}, "MODEL.FCOS.TOPK_CANDIDATES_TEST"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Target assignment on hand-computed cases (FCOS_SPEC.md, "Targets")."""
+"""Target assignment on hand-computed cases (docs/MODEL.md, "Training targets")."""
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@ import torch
 from detectron2.modeling.test_time_augmentation import DatasetMapperTTA
 from fvcore.transforms import NoOpTransform, TransformList
 
+from fcos.inference import select_detections
 from fcos.tta import FCOSWithTTA
 from inference_helpers import boxes_close, random_fcos, tiny_cfg
 
@@ -38,6 +39,31 @@ def test_single_identity_augmentation_reproduces_plain_inference(model):
     assert len(plain) > 0
     assert torch.equal(tta.pred_boxes.tensor, plain.pred_boxes.tensor)
     assert torch.equal(tta.scores, plain.scores) and torch.equal(tta.pred_classes, plain.pred_classes)
+
+
+def test_official_postprocessing_is_shared_with_plain_inference():
+    """With MODEL.FCOS.POSTPROCESS official, one identity augmentation still gives exactly the
+    model's detections: TTA runs the model's own clipping, "+1" NMS and per-image cut. At NMS
+    threshold 0.3 the "+1" NMS keeps fewer of this image's candidates than detectron2's would."""
+    opts = ("MODEL.FCOS.POSTPROCESS", "official", "MODEL.FCOS.NMS_THRESH_TEST", "0.3")
+    official = random_fcos(tiny_cfg(*opts))
+    image = _image(128, 160)
+    plain = _run(official, image)
+    tta = _run(FCOSWithTTA(_aug_cfg([128], False, 160, *opts), official), image)
+    candidates = official.candidates(*_network_outputs(official, image))[0]
+    seed_nms = select_detections(*candidates, (128, 160), nms_thresh=0.3, max_detections=100)
+    assert len(plain) < len(seed_nms)
+    assert torch.equal(tta.pred_boxes.tensor, plain.pred_boxes.tensor)
+    assert torch.equal(tta.scores, plain.scores)
+    assert torch.equal(tta.pred_classes, plain.pred_classes)
+
+
+def _network_outputs(model, image: torch.Tensor):
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": image}])
+        features = model.backbone(images.tensor)
+        features = [features[name] for name in model.head_in_features]
+        return images, features, model.head(features)
 
 
 def test_single_rescaled_augmentation_matches_plain_inference_in_original_pixels(model):

@@ -89,6 +89,7 @@ def export_metadata(cfg: CfgNode, module: FCOSExportModule, class_names: Optiona
         "score_thresh_test": float(fc.SCORE_THRESH_TEST),
         "topk_candidates_test": int(fc.TOPK_CANDIDATES_TEST),
         "inference_topk_first": bool(fc.INFERENCE_TOPK_FIRST),
+        "postprocess": str(fc.POSTPROCESS),
         "nms_thresh_test": float(fc.NMS_THRESH_TEST),
         "detections_per_image": int(cfg.TEST.DETECTIONS_PER_IMAGE),
         "box_reg_weights": [float(w) for w in fc.BBOX_REG_WEIGHTS],

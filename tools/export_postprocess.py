@@ -125,6 +125,8 @@ def _level_candidates(
     ctr = _sigmoid(centerness.reshape(-1))[point_idx]
     ranking = prob if meta["inference_topk_first"] else prob * ctr
     topk = meta["topk_candidates_test"]
+    if meta["inference_topk_first"]:
+        topk = min(topk, len(probs))  # the seed caps a level at its number of points
     if len(ranking) > topk:
         keep = np.argpartition(-ranking, topk - 1)[:topk]
         point_idx, class_idx, prob, ctr = point_idx[keep], class_idx[keep], prob[keep], ctr[keep]
@@ -134,11 +136,18 @@ def _level_candidates(
     return boxes, np.sqrt(prob * ctr), class_idx
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Greedy NMS; indices of the kept boxes by decreasing score (suppresses IoU > threshold, as torchvision)."""
+def nms(
+    boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, plus_one: bool = False
+) -> np.ndarray:
+    """Greedy NMS; indices of the kept boxes by decreasing score (suppresses IoU > threshold).
+
+    ``plus_one``: maskrcnn-benchmark's inclusive pixel counting, sides x1 - x0 + 1 (official
+    flavour); otherwise torchvision's.
+    """
     order = np.argsort(-scores, kind="stable")
     x0, y0, x1, y1 = boxes.T
-    areas = (x1 - x0) * (y1 - y0)
+    one = np.float32(1 if plus_one else 0)
+    areas = (x1 - x0 + one) * (y1 - y0 + one)
     suppressed = np.zeros(len(boxes), dtype=bool)
     keep: List[int] = []
     for position, i in enumerate(order):
@@ -146,8 +155,9 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
             continue
         keep.append(int(i))
         rest = order[position + 1 :]
-        inter_w = np.maximum(np.float32(0), np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]))
-        inter_h = np.maximum(np.float32(0), np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]))
+        inter_w = np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]) + one
+        inter_h = np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]) + one
+        inter_w, inter_h = np.maximum(np.float32(0), inter_w), np.maximum(np.float32(0), inter_h)
         inter = inter_w * inter_h
         # Two empty boxes give 0 / 0 = NaN, which suppresses nothing, as in torchvision's kernel.
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -156,10 +166,18 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return np.asarray(keep, dtype=np.int64)
 
 
-def batched_nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float) -> np.ndarray:
+def batched_nms(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    classes: np.ndarray,
+    iou_threshold: float,
+    plus_one: bool = False,
+) -> np.ndarray:
     """Class-aware NMS: boxes of different classes never suppress each other; kept indices by score."""
-    keep = [np.flatnonzero(classes == c)[nms(boxes[classes == c], scores[classes == c], iou_threshold)]
-            for c in np.unique(classes)]
+    keep = []
+    for c in np.unique(classes):
+        members = np.flatnonzero(classes == c)
+        keep.append(members[nms(boxes[members], scores[members], iou_threshold, plus_one)])
     kept = np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
     return kept[np.argsort(-scores[kept], kind="stable")]
 
@@ -199,7 +217,20 @@ def decode(
     boxes = np.concatenate(boxes_all).astype(np.float32)
     scores = np.concatenate(scores_all).astype(np.float32)
     classes = np.concatenate(classes_all).astype(np.int64)
-    keep = batched_nms(boxes, scores, classes, meta["nms_thresh_test"])[: meta["detections_per_image"]]
+    official = meta.get("postprocess", "seed") == "official"
+    max_detections = meta["detections_per_image"]
+    if official:
+        # Clip to the network input's last pixel index; drop "+1" sizes < 0 (remove_small_boxes(0)).
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, resized_hw[1] - 1)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, resized_hw[0] - 1)
+        big_enough = (boxes[:, 2] - boxes[:, 0] + 1 >= 0) & (boxes[:, 3] - boxes[:, 1] + 1 >= 0)
+        boxes, scores, classes = boxes[big_enough], scores[big_enough], classes[big_enough]
+    keep = batched_nms(boxes, scores, classes, meta["nms_thresh_test"], plus_one=official)
+    if not official:
+        keep = keep[:max_detections]
+    elif 0 < max_detections < len(keep):
+        # The official cut keeps every score reaching the max_detections-th largest (ties included).
+        keep = keep[scores[keep] >= np.sort(scores[keep])[-max_detections]]
     boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
     height, width = original_hw
     boxes[:, 0::2] *= width / resized_hw[1]
