@@ -69,7 +69,7 @@ class FCOSExportModule(nn.Module):
 
 
 def export_metadata(cfg: CfgNode, module: FCOSExportModule, class_names: Optional[Sequence[str]]) -> Dict:
-    """Everything ``fcos.export_postprocess`` needs besides the graph, as a JSON-ready dict."""
+    """Everything ``export_postprocess`` needs besides the graph, as a JSON-ready dict."""
     fc = cfg.MODEL.FCOS
     return {
         "format": METADATA_FORMAT,
