@@ -189,11 +189,12 @@ def test_without_faster_coco_eval_pycocotools_runs(
 
 
 def test_substitution_is_scoped_to_one_evaluation(tmp_path: Path, no_detectron2_cocoeval: None) -> None:
-    """detectron2's module-level COCOeval_opt is back to its own class once the evaluation is over."""
+    """detectron2's module-level COCOeval_opt is back to detectron2's own once the evaluation is over."""
     from detectron2.evaluation import coco_evaluation
 
-    before = coco_evaluation.COCOeval_opt
     gt, detections = generate(SyntheticCase(num_images=2, num_categories=2, detections_per_image=10))
     with registered(gt, tmp_path, "coco_eval_scoped") as name:
-        evaluate(coco_backend.build_evaluator(name, str(tmp_path), detectron2_fast=False), gt, detections)
-    assert coco_evaluation.COCOeval_opt is before
+        evaluator = coco_backend.build_evaluator(name, str(tmp_path), detectron2_fast=False)
+        evaluate(evaluator, gt, detections)
+    assert evaluator.implementations["bbox"].startswith("faster_coco_eval.")
+    assert coco_evaluation.COCOeval_opt.__module__.split(".")[0] in ("detectron2", "pycocotools")
