@@ -1,10 +1,11 @@
 """Synthetic COCO ground truth and detections for timing and cross-checking COCO evaluation.
 
-COCO evaluation time and its corner cases depend on the data's shape, not on pixels: how many boxes per
-image and category, the small/medium/large mix, crowd regions, how many detections each image has and
-how their scores interleave true and false positives. This module generates that shape, seeded, at any
-scale: COCO val2017 has 5,000 images, 36,781 boxes over 80 categories (41 % small, 34 % medium, 24 %
-large, about 1 % crowd, 48 images without objects), and detectors report 100 detections per image.
+COCO evaluation time and its corner cases depend on the data's shape, not on pixels: how many
+boxes per image and category, the small/medium/large mix, crowd regions, how many detections each
+image has and how their scores interleave true and false positives. This module generates that
+shape, seeded, at any scale: COCO val2017 has 5,000 images, 36,781 boxes over 80 categories
+(41 % small, 34 % medium, 24 % large, about 1 % crowd, 48 images without objects), and detectors
+report 100 detections per image.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def _boxes(rng: np.random.Generator, count: int, height: int, width: int) -> np.
 
 
 def _jittered(rng: np.random.Generator, boxes: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Detections of ``boxes``: centre and size noise of ~10 % of the size, so IoUs spread over 0.5-1."""
+    """Detections of ``boxes``: centre and size noise of ~10 % of the size (IoUs mostly 0.5-1)."""
     x, y, w, h = boxes.T
     cx = x + w / 2 + rng.normal(0, 0.08, len(boxes)) * w
     cy = y + h / 2 + rng.normal(0, 0.08, len(boxes)) * h
@@ -67,17 +68,19 @@ def generate(case: SyntheticCase) -> Tuple[Dict, List[Dict]]:
     """(COCO-format ground truth dict, detection results list as ``COCO.loadRes`` takes them).
 
     Per image: a heavy-tailed number of boxes (negative binomial around ``mean_boxes``), random
-    categories, some crowd regions; then exactly ``detections_per_image`` detections: most objects found
-    once (10 % under a wrong category, some twice), a fifth of the hits with low scores among those of
-    the random false positives, so that with many detections per category some hits rank below the
-    100th. The first image never has objects.
+    categories, some crowd regions; then exactly ``detections_per_image`` detections: most objects
+    found once (10 % under a wrong category, some twice), a fifth of the hits with low scores among
+    those of the random false positives, so that with many detections per category some hits rank
+    below the 100th. The first image never has objects.
     """
     rng = np.random.default_rng(case.seed)
     images, annotations, detections = [], [], []
     shape = 1.5
     for image_id in range(1, case.num_images + 1):
         height, width = IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))]
-        images.append({"id": image_id, "file_name": f"{image_id:06d}.jpg", "height": height, "width": width})
+        images.append(
+            {"id": image_id, "file_name": f"{image_id:06d}.jpg", "height": height, "width": width}
+        )
         empty = image_id == 1 or rng.random() < case.empty_image_fraction
         count = 0 if empty else int(rng.negative_binomial(shape, shape / (shape + case.mean_boxes)))
         gt = _boxes(rng, count, height, width)
@@ -86,7 +89,8 @@ def generate(case: SyntheticCase) -> Tuple[Dict, List[Dict]]:
         for box, cat, is_crowd in zip(gt, gt_cats, crowd):
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": int(cat),
-                "bbox": [float(v) for v in box], "area": float(box[2] * box[3]), "iscrowd": int(is_crowd),
+                "bbox": [float(v) for v in box], "area": float(box[2] * box[3]),
+                "iscrowd": int(is_crowd),
             })
         found = rng.random(count) < 0.85
         twice = found & (rng.random(count) < 0.15)
@@ -99,7 +103,8 @@ def generate(case: SyntheticCase) -> Tuple[Dict, List[Dict]]:
         hit_scores = np.where(hard, rng.uniform(0, 0.3, len(hits)), rng.beta(4, 2, len(hits)))
         misses = case.detections_per_image - len(hits)
         boxes = np.concatenate([hits, _boxes(rng, misses, height, width)])
-        cats = np.concatenate([hit_cats[: len(hits)], rng.integers(1, case.num_categories + 1, size=misses)])
+        miss_cats = rng.integers(1, case.num_categories + 1, size=misses)
+        cats = np.concatenate([hit_cats[: len(hits)], miss_cats])
         scores = np.concatenate([hit_scores, rng.beta(1.5, 4, size=misses)])
         for box, cat, score in zip(boxes, cats, scores):
             detections.append({

@@ -2,12 +2,13 @@
 
     python -m bench.coco_eval [--repeats 3] [--json out.json]
 
-The case (``bench/coco_data.py``) has COCO val2017's shape: 5,000 images, ~36,800 boxes over 80
-categories with its small/medium/large mix and ~1 % crowd regions, 100 detections per image. Timed is
-what ``COCOEvaluator`` runs once the results are loaded: ``COCOeval(gt, dt, "bbox")``, ``evaluate``,
-``accumulate``, ``summarize``, on the same pycocotools ``COCO`` objects for both (the project's evaluator
-keeps pycocotools' ``COCO`` and swaps only the ``COCOeval`` class). Runs alternate (A B A B ...); the 12
-summary numbers of every run must be identical between the two, or the benchmark fails.
+The case (``bench/coco_data.py``) has COCO val2017's shape: 5,000 images, ~37,000 boxes over 80
+categories with its small/medium/large mix and ~1 % crowd regions, 100 detections per image.
+Timed is what ``COCOEvaluator`` runs once the results are loaded: ``COCOeval(gt, dt, "bbox")``,
+``evaluate``, ``accumulate``, ``summarize``, on the same pycocotools ``COCO`` objects for both
+(the project's evaluator keeps pycocotools' ``COCO`` and swaps only the ``COCOeval`` class). Runs
+alternate (A B A B ...); the 12 summary numbers of every run must be identical between the two, or
+the benchmark fails.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def load(case: SyntheticCase) -> Tuple[COCO, COCO]:
 
 
 def evaluation(cocoeval_class: type, coco_gt: COCO, coco_dt: COCO, out: List) -> Callable[[], None]:
-    """One full box evaluation; appends its summary numbers to ``out`` (the timing helper drops returns)."""
+    """One full box evaluation, appending its summary numbers to ``out`` (timing drops returns)."""
 
     def run() -> None:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -52,29 +53,53 @@ def evaluation(cocoeval_class: type, coco_gt: COCO, coco_dt: COCO, out: List) ->
     return run
 
 
+def case_summary(coco_gt: COCO, coco_dt: COCO, seed: int) -> Dict[str, int]:
+    return {
+        "images": len(coco_gt.imgs),
+        "gt_boxes": len(coco_gt.anns),
+        "crowd_boxes": sum(a["iscrowd"] for a in coco_gt.anns.values()),
+        "categories": len(coco_gt.cats),
+        "detections": len(coco_dt.anns),
+        "seed": seed,
+    }
+
+
+def markdown_row(result: Dict) -> str:
+    case, wall = result["case"], result["wall"]
+    cells = [
+        f"{case['images']:,} images, {case['gt_boxes']:,} GT, {case['detections']:,} detections",
+        *(
+            f"{wall[name]['median']:.1f} ({wall[name]['min']:.1f}–{wall[name]['max']:.1f})"
+            for name in ("pycocotools", "faster_coco_eval")
+        ),
+        f"**{result['speedup_wall_median']:.1f}×**",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.coco_eval", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.coco_eval", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (default 3)")
     parser.add_argument(
         "--threads", type=int, default=1,
-        help="torch threads, for bench.run_all's uniform command line (neither evaluator uses torch)",
+        help="torch threads, for bench.run_all's command line (neither evaluator uses torch)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     faster = faster_cocoeval_class()
     if faster is None:
-        raise SystemExit("bench.coco_eval: faster-coco-eval is not installed (pip install -r requirements.txt)")
+        raise SystemExit(
+            "bench.coco_eval: faster-coco-eval is not installed (pip install -r requirements.txt)"
+        )
 
     case = SyntheticCase()
     started = time.perf_counter()
     coco_gt, coco_dt = load(case)
-    print(
-        f"case: {len(coco_gt.imgs)} images, {len(coco_gt.anns)} GT boxes "
-        f"({sum(a['iscrowd'] for a in coco_gt.anns.values())} crowd), {len(coco_gt.cats)} categories, "
-        f"{len(coco_dt.anns)} detections (generated and loaded in {time.perf_counter() - started:.1f} s)",
-        flush=True,
-    )
+    summary = case_summary(coco_gt, coco_dt, case.seed)
+    print(f"case: {summary} (generated and loaded in {time.perf_counter() - started:.1f} s)")
     stats: Dict[str, List] = {"pycocotools": [], "faster_coco_eval": []}
     runs = {
         "pycocotools": evaluation(COCOeval, coco_gt, coco_dt, stats["pycocotools"]),
@@ -85,34 +110,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for name, results in stats.items():
         for run_stats in results:
             if run_stats != reference:
-                raise SystemExit(f"bench.coco_eval: {name} gave {run_stats}, pycocotools {reference}")
+                raise SystemExit(
+                    f"bench.coco_eval: {name} gave {run_stats}, pycocotools {reference}"
+                )
 
     wall = {name: summarize(t["wall"]) for name, t in times.items()}
-    cpu = {name: summarize(t["cpu"]) for name, t in times.items()}
-    speedup = wall["pycocotools"]["median"] / wall["faster_coco_eval"]["median"]
     result = {
         "machine": machine_info(args.threads),
-        "case": {
-            "images": len(coco_gt.imgs), "gt_boxes": len(coco_gt.anns), "categories": len(coco_gt.cats),
-            "crowd_boxes": sum(a["iscrowd"] for a in coco_gt.anns.values()),
-            "detections": len(coco_dt.anns), "seed": case.seed,
-        },
+        "case": summary,
         "faster_coco_eval_class": f"{faster.__module__}.{faster.__qualname__}",
         "wall": wall,
-        "cpu": cpu,
-        "speedup_wall_median": speedup,
+        "cpu": {name: summarize(t["cpu"]) for name, t in times.items()},
+        "speedup_wall_median": wall["pycocotools"]["median"] / wall["faster_coco_eval"]["median"],
         "stats": reference,
     }
-    print("| COCO box evaluation | pycocotools s, median (min–max) | faster-coco-eval s | speed-up |")
+    print("| COCO box evaluation | pycocotools s, median (min–max) | faster-coco-eval s "
+          "| speed-up |")
     print("|---|---|---|---|")
-    print(
-        f"| {result['case']['images']:,} images, {result['case']['gt_boxes']:,} GT, "
-        f"{result['case']['detections']:,} detections | {wall['pycocotools']['median']:.1f} "
-        f"({wall['pycocotools']['min']:.1f}–{wall['pycocotools']['max']:.1f}) | "
-        f"{wall['faster_coco_eval']['median']:.1f} ({wall['faster_coco_eval']['min']:.1f}–"
-        f"{wall['faster_coco_eval']['max']:.1f}) | **{speedup:.1f}×** |"
-    )
-    print(f"AP {100 * reference[0]:.2f}, identical 12 summary numbers in all {args.repeats} runs of each")
+    print(markdown_row(result))
+    print(f"AP {100 * reference[0]:.2f}; the same 12 summary numbers in all {args.repeats} runs")
     if args.json:
         write_json(args.json, result)
 

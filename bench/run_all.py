@@ -122,12 +122,13 @@ def coco_eval_table(result: Dict) -> List[str]:
         "| COCOeval | wall s, median (min–max) | CPU s, median (min–max) |",
         "|---|---|---|",
         f"| pycocotools | {_spread(wall['pycocotools'])} | {_spread(cpu['pycocotools'])} |",
-        f"| faster-coco-eval | {_spread(wall['faster_coco_eval'])} | {_spread(cpu['faster_coco_eval'])} |",
+        f"| faster-coco-eval | {_spread(wall['faster_coco_eval'])} "
+        f"| {_spread(cpu['faster_coco_eval'])} |",
         f"| **speed-up (wall medians)** | **{result['speedup_wall_median']:.1f}×** | |",
     ]
     return [
-        f"{case['images']:,} images, {case['gt_boxes']:,} GT boxes ({case['crowd_boxes']} crowd) over "
-        f"{case['categories']} categories, {case['detections']:,} detections; "
+        f"{case['images']:,} images, {case['gt_boxes']:,} GT boxes ({case['crowd_boxes']} crowd) "
+        f"over {case['categories']} categories, {case['detections']:,} detections; "
         f"{wall['pycocotools']['runs']} runs each, the same 12 summary numbers in every run.",
         "",
         *lines,
@@ -182,9 +183,9 @@ def report(results: Dict[str, Dict], threads: int, load_before: Optional[float],
         "",
         "## COCO box evaluation without detectron2's C++ extension (`bench/coco_eval.py`)",
         "",
-        "`COCOeval` construction + evaluate + accumulate + summarize on a synthetic case of COCO val2017's "
-        "shape, pycocotools' pure-Python COCOeval against faster-coco-eval's (what the project's evaluator "
-        "uses when detectron2 has no compiled COCOeval).",
+        "`COCOeval` construction + evaluate + accumulate + summarize on a synthetic case of COCO "
+        "val2017's shape, pycocotools' pure-Python COCOeval against faster-coco-eval's (what the "
+        "project's evaluator uses when detectron2 has no compiled COCOeval).",
         "",
         *coco_eval_table(results["coco_eval"]),
         "",

@@ -1,9 +1,10 @@
-"""COCO evaluation through the project's evaluator: which COCOeval runs, and that it gives pycocotools' numbers.
+"""COCO evaluation through the project's evaluator: which COCOeval runs, and its numbers.
 
-detectron2 without its C++ extension (this project's install) evaluates with faster-coco-eval's COCOeval;
-these tests pin that choice and compare every summary number with pycocotools' own COCOeval on data that
-reaches the corner cases: crowd regions, all three size ranges, more than 100 detections per image and
-category (so the maxDets cut changes results), several categories and an image without objects.
+detectron2 without its C++ extension (this project's install) evaluates with faster-coco-eval's
+COCOeval; these tests pin that choice and compare every summary number with pycocotools' own
+COCOeval on data that reaches the corner cases: crowd regions, all three size ranges, more than 100
+detections per image and category (so the maxDets cut changes results), several categories and an
+image without objects.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ PARITY_CASE = SyntheticCase(
     detections_per_image=360, seed=3,
 )
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+RESULTS_FILE = "coco_instances_results.json"  # where COCOEvaluator saves the predictions
 
 
 @pytest.fixture
@@ -45,7 +47,7 @@ def no_detectron2_cocoeval(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @contextlib.contextmanager
 def registered(gt: Dict, tmp_path: Path, name: str) -> Iterator[str]:
-    """``gt`` written as a COCO json and registered (and loaded, for its category mapping) as ``name``."""
+    """``gt`` as a COCO json, registered and loaded (for its category mapping) as ``name``."""
     json_file = tmp_path / f"{name}.json"
     json_file.write_text(json.dumps(gt))
     register_coco_instances(name, {}, str(json_file), str(tmp_path))
@@ -65,16 +67,19 @@ def evaluate(evaluator, gt: Dict, detections: Sequence[Dict]) -> Dict:
     sizes = {image["id"]: (image["height"], image["width"]) for image in gt["images"]}
     evaluator.reset()
     for image_id, dets in by_image.items():
+        xywh = torch.tensor([d["bbox"] for d in dets], dtype=torch.float64).reshape(-1, 4)
         instances = Instances(sizes[image_id])
-        boxes = torch.tensor([d["bbox"] for d in dets], dtype=torch.float64).reshape(-1, 4)
-        instances.pred_boxes = Boxes(BoxMode.convert(boxes, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS).float())
+        xyxy = BoxMode.convert(xywh, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
+        instances.pred_boxes = Boxes(xyxy.float())  # float32, as a model outputs them
         instances.scores = torch.tensor([d["score"] for d in dets], dtype=torch.float32)
-        instances.pred_classes = torch.tensor([d["category_id"] - 1 for d in dets], dtype=torch.int64)
+        instances.pred_classes = torch.tensor([d["category_id"] - 1 for d in dets])
         evaluator.process([{"image_id": image_id}], [{"instances": instances}])
     return evaluator.evaluate()
 
 
-def pycocotools_eval(gt_file: Path, results_file: Path, max_dets: Sequence[int] = (1, 10, 100)) -> COCOeval:
+def pycocotools_eval(
+    gt_file: Path, results_file: Path, max_dets: Sequence[int] = (1, 10, 100)
+) -> COCOeval:
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(str(gt_file))
         coco_eval = COCOeval(coco_gt, coco_gt.loadRes(str(results_file)), "bbox")
@@ -85,13 +90,16 @@ def pycocotools_eval(gt_file: Path, results_file: Path, max_dets: Sequence[int] 
     return coco_eval
 
 
-def test_faster_coco_eval_gives_pycocotools_numbers(tmp_path: Path, no_detectron2_cocoeval: None) -> None:
+def test_faster_coco_eval_gives_pycocotools_numbers(
+    tmp_path: Path, no_detectron2_cocoeval: None
+) -> None:
     gt, detections = generate(PARITY_CASE)
     areas = np.array([a["area"] for a in gt["annotations"]])
     per_image_category = Counter((d["image_id"], d["category_id"]) for d in detections)
     # The data reaches every corner case it is meant to.
     assert any(a["iscrowd"] for a in gt["annotations"])
-    assert (areas < 32**2).any() and ((areas >= 32**2) & (areas < 96**2)).any() and (areas >= 96**2).any()
+    assert (areas < 32**2).any() and (areas >= 96**2).any()
+    assert ((areas >= 32**2) & (areas < 96**2)).any()
     assert 1 not in {a["image_id"] for a in gt["annotations"]}
     assert max(per_image_category.values()) > 100
 
@@ -100,7 +108,7 @@ def test_faster_coco_eval_gives_pycocotools_numbers(tmp_path: Path, no_detectron
         results = evaluate(evaluator, gt, detections)["bbox"]
     assert evaluator.implementations["bbox"].startswith("faster_coco_eval.")
 
-    gt_file, results_file = tmp_path / f"{name}.json", tmp_path / "coco_instances_results.json"
+    gt_file, results_file = tmp_path / f"{name}.json", tmp_path / RESULTS_FILE
     reference = pycocotools_eval(gt_file, results_file)
     assert 0.05 < reference.stats[0] < 0.5  # a non-trivial AP, neither all hits nor none
     # All 12 summary numbers (AP and AR at every IoU / size / maxDets), bit for bit.
@@ -109,12 +117,14 @@ def test_faster_coco_eval_gives_pycocotools_numbers(tmp_path: Path, no_detectron
     # Per-category AP, which detectron2 derives from the accumulated precision array.
     for k, category in enumerate(gt["categories"]):
         precision = reference.eval["precision"][:, :, k, 0, -1]
-        assert results[f"AP-{category['name']}"] == float(np.mean(precision[precision > -1]) * 100)
+        expected = float(np.mean(precision[precision > -1]) * 100)
+        assert results[f"AP-{category['name']}"] == expected
     # More than 100 detections per image and category matter: a larger cut finds more objects.
-    assert pycocotools_eval(gt_file, results_file, (1, 10, 1000)).stats[8] > reference.stats[8] + 0.01
+    larger_cut = pycocotools_eval(gt_file, results_file, (1, 10, 1000))
+    assert larger_cut.stats[8] > reference.stats[8] + 0.01
 
 
-class _Records(logging.Handler):
+class _Messages(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.messages: List[str] = []
@@ -123,19 +133,34 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+@contextlib.contextmanager
+def logged(logger_name: str) -> Iterator[List[str]]:
+    """INFO messages of one logger, whatever handlers and propagation earlier tests set up."""
+    handler, log = _Messages(), logging.getLogger(logger_name)
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield handler.messages
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
 def test_hand_computed_ap_and_the_log_names_the_implementation(
     tmp_path: Path, no_detectron2_cocoeval: None
 ) -> None:
     """One image, two boxes of one class; detections: hit (0.9), false positive (0.8), hit (0.7).
 
-    Precision is 1 up to recall 0.5 and 2/3 from there to recall 1, at every IoU threshold (the hits are
-    exact), so COCO's 101-point AP is (51 * 1 + 50 * 2/3) / 101.
+    Precision is 1 up to recall 0.5 and 2/3 from there to recall 1, at every IoU threshold (the
+    hits are exact), so COCO's 101-point AP is (51 * 1 + 50 * 2/3) / 101.
     """
+    box = {"image_id": 7, "category_id": 1, "iscrowd": 0}
     gt = {
         "images": [{"id": 7, "file_name": "a.jpg", "height": 200, "width": 300}],
         "annotations": [
-            {"id": 1, "image_id": 7, "category_id": 1, "bbox": [10, 10, 50, 40], "area": 2000, "iscrowd": 0},
-            {"id": 2, "image_id": 7, "category_id": 1, "bbox": [150, 100, 60, 60], "area": 3600, "iscrowd": 0},
+            dict(box, id=1, bbox=[10, 10, 50, 40], area=2000),
+            dict(box, id=2, bbox=[150, 100, 60, 60], area=3600),
         ],
         "categories": [{"id": 1, "name": "thing"}],
     }
@@ -144,26 +169,20 @@ def test_hand_computed_ap_and_the_log_names_the_implementation(
         {"image_id": 7, "category_id": 1, "bbox": [240, 10, 40, 40], "score": 0.8},
         {"image_id": 7, "category_id": 1, "bbox": [150, 100, 60, 60], "score": 0.7},
     ]
-    records = _Records()
-    d2_logger = logging.getLogger("detectron2.evaluation.coco_evaluation")
-    d2_logger.addHandler(records)
-    previous_level = d2_logger.level
-    d2_logger.setLevel(logging.INFO)
-    try:
+    with logged("detectron2.evaluation.coco_evaluation") as messages:
         with registered(gt, tmp_path, "coco_eval_hand") as name:
             results = evaluate(build_coco_evaluator(name, str(tmp_path)), gt, detections)["bbox"]
-    finally:
-        d2_logger.removeHandler(records)
-        d2_logger.setLevel(previous_level)
     expected = (51 + 50 * 2 / 3) / 101 * 100
-    assert results["AP"] == pytest.approx(expected, abs=1e-9)
-    assert results["AP50"] == results["AP75"] == pytest.approx(expected, abs=1e-9)
-    assert results["APs"] != results["APs"]  # NaN: no small objects
-    assert results["APm"] == pytest.approx(expected, abs=1e-9)
-    assert any(m.startswith("COCO bbox metrics computed by faster_coco_eval.") for m in records.messages)
+    for metric in ("AP", "AP50", "AP75", "APm"):
+        assert results[metric] == pytest.approx(expected, abs=1e-9), metric
+    assert np.isnan(results["APs"])  # no small objects
+    prefix = "COCO bbox metrics computed by faster_coco_eval."
+    assert any(m.startswith(prefix) for m in messages)
 
 
-def test_detectron2_compiled_cocoeval_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_detectron2_compiled_cocoeval_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     stub = types.ModuleType("detectron2._C")
     stub.COCOevalEvaluateImages = stub.COCOevalAccumulate = lambda *args: None
     monkeypatch.setitem(sys.modules, "detectron2._C", stub)
@@ -178,21 +197,25 @@ def test_without_faster_coco_eval_pycocotools_runs(
 ) -> None:
     for module in ("faster_coco_eval", "faster_coco_eval.core.faster_eval_api"):
         monkeypatch.setitem(sys.modules, module, None)
-    gt, detections = generate(SyntheticCase(num_images=3, num_categories=2, detections_per_image=20))
+    case = SyntheticCase(num_images=3, num_categories=2, detections_per_image=20)
+    gt, detections = generate(case)
     with registered(gt, tmp_path, "coco_eval_fallback") as name:
         evaluator = build_coco_evaluator(name, str(tmp_path))
         results = evaluate(evaluator, gt, detections)["bbox"]
     assert evaluator.fast_cocoeval is None
     assert evaluator.implementations["bbox"].startswith("pycocotools.cocoeval.COCOeval")
-    reference = pycocotools_eval(tmp_path / f"{name}.json", tmp_path / "coco_instances_results.json")
+    reference = pycocotools_eval(tmp_path / f"{name}.json", tmp_path / RESULTS_FILE)
     assert results["AP"] == 100 * float(reference.stats[0])
 
 
-def test_substitution_is_scoped_to_one_evaluation(tmp_path: Path, no_detectron2_cocoeval: None) -> None:
-    """detectron2's module-level COCOeval_opt is back to detectron2's own once the evaluation is over."""
+def test_substitution_is_scoped_to_one_evaluation(
+    tmp_path: Path, no_detectron2_cocoeval: None
+) -> None:
+    """detectron2's module-level COCOeval_opt is detectron2's own again after the evaluation."""
     from detectron2.evaluation import coco_evaluation
 
-    gt, detections = generate(SyntheticCase(num_images=2, num_categories=2, detections_per_image=10))
+    case = SyntheticCase(num_images=2, num_categories=2, detections_per_image=10)
+    gt, detections = generate(case)
     with registered(gt, tmp_path, "coco_eval_scoped") as name:
         evaluator = coco_backend.build_evaluator(name, str(tmp_path), detectron2_fast=False)
         evaluate(evaluator, gt, detections)

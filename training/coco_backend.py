@@ -1,12 +1,12 @@
 """Which COCOeval computes the COCO metrics, and an evaluator that can run faster-coco-eval's.
 
-detectron2's ``COCOEvaluator`` knows two implementations: pycocotools' ``COCOeval``, whose per-image
-matching is pure Python (minutes on COCO val on a slow CPU), and its own ``COCOeval_opt``, which runs
-that matching in detectron2's compiled extension. Installs without the extension (the patched sdist,
-source installs without a compiler, most Windows setups) only have the slow one. faster-coco-eval ships
-the same C++ algorithm as wheels for Linux and Windows with numpy as its only dependency, and its
-summary statistics equal pycocotools' (``tests/test_coco_eval.py``), so it stands in for
-``COCOeval_opt`` there.
+detectron2's ``COCOEvaluator`` knows two implementations: pycocotools' ``COCOeval``, whose
+per-image matching is pure Python (minutes on COCO val on a slow CPU), and its own
+``COCOeval_opt``, which runs that matching in detectron2's compiled extension. Installs without
+the extension (the patched sdist, source installs without a compiler, most Windows setups) only
+have the slow one. faster-coco-eval ships the same C++ algorithm as wheels for Linux and Windows
+with numpy as its only dependency, and its summary statistics equal pycocotools'
+(``tests/test_coco_eval.py``), so it stands in for ``COCOeval_opt`` there.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ FASTER_COCO_EVAL_HINT = "pip install faster-coco-eval (pinned in requirements.tx
 
 
 def faster_cocoeval_class() -> Optional[type]:
-    """faster-coco-eval's drop-in ``COCOeval`` (pycocotools' interface and console output), or None."""
+    """faster-coco-eval's drop-in ``COCOeval`` (pycocotools' interface and output), or None."""
     try:
         from faster_coco_eval.core.faster_eval_api import COCOeval
     except ImportError:
@@ -43,9 +43,9 @@ def implementation_name(cocoeval_class: type) -> str:
 def _can_substitute_fast_cocoeval(evaluator: _DetectronCOCOEvaluator) -> bool:
     """Whether this detectron2 picks its fast COCOeval the way :func:`_fast_cocoeval` relies on.
 
-    Both 0.6 and main read the module global ``COCOeval_opt`` when they evaluate and keep the choice in
-    the evaluator's ``_use_fast_impl``; a detectron2 that stops doing so gets pycocotools instead of a
-    substitution that silently does nothing.
+    Both 0.6 and main read the module global ``COCOeval_opt`` when they evaluate and keep the
+    choice in the evaluator's ``_use_fast_impl``; a detectron2 that stops doing so gets
+    pycocotools instead of a substitution that silently does nothing.
     """
     return hasattr(coco_evaluation, "COCOeval_opt") and hasattr(evaluator, "_use_fast_impl")
 
@@ -55,10 +55,11 @@ def _fast_cocoeval(cocoeval_class: type) -> Iterator[None]:
     """Make ``cocoeval_class`` detectron2's fast COCOeval for the duration of the block.
 
     detectron2 has no argument for the class: 0.6 looks up ``COCOeval_opt`` in
-    ``_evaluate_predictions_on_coco``, main in ``COCOEvaluator._eval_predictions``, both at call time.
-    Rebinding that one name only while one evaluator evaluates leaves pycocotools and every other
-    evaluator as they are; faster-coco-eval's own ``init_as_pycocotools()`` would instead replace the
-    pycocotools modules for the whole process, including the ``COCO`` class datasets are loaded with.
+    ``_evaluate_predictions_on_coco``, main in ``COCOEvaluator._eval_predictions``, both at call
+    time. Rebinding that one name only while one evaluator evaluates leaves pycocotools and every
+    other evaluator as they are; faster-coco-eval's own ``init_as_pycocotools()`` would instead
+    replace the pycocotools modules for the whole process, including the ``COCO`` class datasets
+    are loaded with.
     """
     saved = coco_evaluation.COCOeval_opt
     coco_evaluation.COCOeval_opt = cocoeval_class
@@ -72,12 +73,15 @@ class COCOEvaluator(_DetectronCOCOEvaluator):
     """detectron2's ``COCOEvaluator``, optionally on another fast COCOeval, reporting which one ran.
 
     ``fast_cocoeval`` (a class with pycocotools' ``COCOeval`` interface) replaces detectron2's
-    ``COCOeval_opt``; None keeps detectron2's own choice from ``use_fast_impl``. After ``evaluate()``,
-    ``implementations`` maps each task ("bbox") to the COCOeval that computed it (also logged), and
-    ``summary_stats`` to its 12 summary numbers (detectron2's results keep only the six APs).
+    ``COCOeval_opt``; None keeps detectron2's own choice from ``use_fast_impl``. After
+    ``evaluate()``, ``implementations`` maps each task ("bbox") to the COCOeval that computed it
+    (also logged), and ``summary_stats`` to its 12 summary numbers (detectron2's results keep only
+    the six APs).
     """
 
-    def __init__(self, dataset_name: str, *args, fast_cocoeval: Optional[type] = None, **kwargs) -> None:
+    def __init__(
+        self, dataset_name: str, *args, fast_cocoeval: Optional[type] = None, **kwargs
+    ) -> None:
         super().__init__(dataset_name, *args, **kwargs)
         if fast_cocoeval is not None and not _can_substitute_fast_cocoeval(self):
             self._logger.warning(
@@ -87,7 +91,7 @@ class COCOEvaluator(_DetectronCOCOEvaluator):
             fast_cocoeval = None
         self.fast_cocoeval = fast_cocoeval
         if fast_cocoeval is not None:
-            # main turns use_fast_impl off when its own COCOeval_opt failed to import.
+            # detectron2 reads COCOeval_opt only on its fast path.
             self._use_fast_impl = True
         self.implementations: Dict[str, str] = {}
         self.summary_stats: Dict[str, List[float]] = {}
@@ -117,8 +121,9 @@ def build_evaluator(dataset_name: str, output_dir: str, detectron2_fast: bool) -
     fast_cocoeval = None if detectron2_fast else faster_cocoeval_class()
     if not detectron2_fast and fast_cocoeval is None:
         logger.warning(
-            "detectron2 has no compiled COCOeval and faster-coco-eval is not installed: COCO evaluation "
-            "uses pycocotools' pure-Python COCOeval (slow on large datasets; %s).", FASTER_COCO_EVAL_HINT
+            "detectron2 has no compiled COCOeval and faster-coco-eval is not installed: COCO "
+            "evaluation uses pycocotools' pure-Python COCOeval (slow on large datasets; %s).",
+            FASTER_COCO_EVAL_HINT,
         )
     return COCOEvaluator(
         dataset_name, tasks=("bbox",), output_dir=output_dir, use_fast_impl=detectron2_fast,
