@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.run_all [--threads 1] [--quick] [--output bench/RESULTS.md]
 
-Takes about 25 minutes with one thread on an idle 2-core machine (the 800x1333 training steps dominate);
+Takes about 32 minutes with one thread on an idle 2-core machine (the 800x1333 training steps dominate);
 ``--quick`` runs fewer repetitions and only the small training size (a smoke run, not for the README).
 """
 from __future__ import annotations
