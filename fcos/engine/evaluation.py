@@ -1,7 +1,8 @@
 """COCO evaluation that works with or without detectron2's C++ extension, and the AP table for the console.
 
 detectron2's fast COCOeval lives in its C++ extension; the install used here has no compiled extension
-(``detectron2._C`` is a stub), so the evaluator falls back to pycocotools' own implementation then.
+(``detectron2._C`` is a stub), so the evaluator runs faster-coco-eval's COCOeval then
+(``coco_backend.py``).
 """
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import importlib
 import math
 from typing import List, Mapping, Tuple
 
-from detectron2.evaluation import COCOEvaluator
 from tabulate import tabulate
+
+from .coco_backend import COCOEvaluator, build_evaluator
 
 TABLE_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -26,9 +28,7 @@ def has_fast_coco_eval() -> bool:
 
 def build_coco_evaluator(dataset_name: str, output_dir: str) -> COCOEvaluator:
     """Box AP evaluator for ``dataset_name``; predictions are saved under ``output_dir``."""
-    return COCOEvaluator(
-        dataset_name, tasks=("bbox",), output_dir=output_dir, use_fast_impl=has_fast_coco_eval()
-    )
+    return build_evaluator(dataset_name, output_dir, detectron2_fast=has_fast_coco_eval())
 
 
 def _metric_tables(results: Mapping[str, object], label: str = "") -> List[Tuple[str, Mapping[str, float]]]:
