@@ -186,7 +186,8 @@ def test_windows_paths_name_outputs_and_find_image_ids(monkeypatch, tmp_path):
     files = ["D:\\data\\a.jpg", "D:\\datasets/coco/val2017/a.jpg", "E:\\b.PNG"]
     assert demo.output_paths(files, "D:\\out") == {
         files[0]: "D:\\out\\a.jpg", files[1]: "D:\\out\\a_1.jpg", files[2]: "D:\\out\\b.PNG"}
-    assert demo.output_paths(files[:1], "D:\\out\\picture.png") == {files[0]: "D:\\out\\picture.png"}
+    picture = "D:\\out\\picture.png"
+    assert demo.output_paths(files[:1], picture) == {files[0]: picture}
     ann_file = tmp_path / "val.json"
     images = [{"id": 7, "file_name": "sub/a.jpg"}, {"id": 9, "file_name": "b.PNG"}]
     ann_file.write_text(json.dumps({"categories": [{"id": 1, "name": "x"}], "images": images}))

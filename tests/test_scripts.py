@@ -80,7 +80,7 @@ def test_bat_files_are_crlf_with_the_user_variables_at_the_top():
         first_command = next(line for line in lines if line and not line.startswith(("@echo", "rem", "set ")))
         assert first_command == 'cd /d "%~dp0"', f"{name}: only comments and the variables come before the commands"
         assert 'call "%ANACONDA_ROOT%\\Scripts\\activate.bat" "%ENV_NAME%"' in lines
-        assert 'set "PYTHONPATH=%~dp0;%PYTHONPATH%"' in lines, f"{name}: this folder's fcos, installed or not"
+        assert 'set "PYTHONPATH=%~dp0;%PYTHONPATH%"' in lines, f"{name}: this folder's fcos first"
     assert "*.bat text eol=crlf" in (REPO_ROOT / ".gitattributes").read_text().splitlines()
 
 

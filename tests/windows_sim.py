@@ -1,18 +1,18 @@
-"""Windows, as far as a Linux process can pretend, for the subprocess tests of tests/test_windows.py.
+"""Windows, as far as a Linux process can pretend, for the subprocess tests of test_windows.py.
 
-Two things break a POSIX-only project on Windows before anything else, and both are simulated in every
-process of a run, spawned children included (``sitecustomize`` on ``PYTHONPATH`` is imported at the
-start of each Python process, and children inherit the environment):
+Two things break a POSIX-only project on Windows before anything else, and both are simulated in
+every process of a run, spawned children included (``sitecustomize`` on ``PYTHONPATH`` is imported
+at the start of each Python process, and children inherit the environment):
 
 * POSIX-only modules (``fcntl``, ``resource``, ``pwd``, ``grp``, ``termios``) do not exist. Only the
   project's own code is refused them: third-party packages (torch, detectron2, portalocker,
   multiprocessing, ...) have Windows branches of their own that this cannot run, so they keep the
-  modules. Who imports is read from the importing module's ``__file__``; both ``import`` statements
-  (``builtins.__import__``) and ``importlib.import_module`` are checked, and a module that is already
-  in ``sys.modules`` is refused too.
-* New processes start with "spawn" (multiprocessing's default context, which torch.multiprocessing and
-  DataLoader workers use), so everything sent to a worker must pickle and module top levels run again
-  in each child.
+  modules. Who imports is read from the importing module's ``__file__``; both ``import``
+  statements (``builtins.__import__``) and ``importlib.import_module`` are checked, and a module
+  already in ``sys.modules`` is refused too.
+* New processes start with "spawn" (multiprocessing's default context, which torch.multiprocessing
+  and DataLoader workers use), so everything sent to a worker must pickle and module top levels run
+  again in each child.
 
 Not simulated: ``os.path`` stays POSIX, drive letters and backslash separators do not exist, file
 locking and ``os.replace`` keep POSIX semantics, and there is no CUDA.
@@ -25,7 +25,7 @@ import multiprocessing
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 POSIX_ONLY = frozenset({"fcntl", "resource", "pwd", "grp", "termios"})
@@ -55,13 +55,12 @@ def _refuse(name: str, importer_globals: Optional[Mapping[str, Any]], root: Path
         return
     importer = (importer_globals or {}).get("__file__")
     if is_project_file(importer, root):
-        raise ModuleNotFoundError(
-            f"No module named '{name}' (Windows simulation: imported by project file {importer})", name=name
-        )
+        message = f"No module named '{name}' (Windows simulation: project code {importer})"
+        raise ModuleNotFoundError(message, name=name)
 
 
 def install(root: Optional[Path] = None) -> None:
-    """Refuse POSIX-only modules to project code under ``root`` and make "spawn" the start method."""
+    """Refuse POSIX-only modules to project code under ``root``; make "spawn" the start method."""
     root = (root or Path(os.environ.get(ROOT_VARIABLE, REPO))).resolve()
     original_import: Callable[..., Any] = builtins.__import__
     original_import_module = importlib.import_module
@@ -88,10 +87,13 @@ def install(root: Optional[Path] = None) -> None:
 
 def spawned_processes(log: Path) -> int:
     """How many processes of a run recorded in ``log`` were started by multiprocessing's spawn."""
-    return sum(line.split() == ["-c", "--multiprocessing-fork"] for line in log.read_text().splitlines())
+    lines = log.read_text().splitlines()
+    return sum(line.split() == ["-c", "--multiprocessing-fork"] for line in lines)
 
 
-def environment(site_dir: Path, extra_paths: tuple[Path, ...] = (), log: Optional[Path] = None) -> Dict[str, str]:
+def environment(
+    site_dir: Path, extra_paths: Tuple[Path, ...] = (), log: Optional[Path] = None
+) -> Dict[str, str]:
     """``os.environ`` for a simulated run: a ``sitecustomize`` in ``site_dir`` that installs the
     simulation, then ``extra_paths`` and this checkout on ``PYTHONPATH`` (so ``import fcos`` is this
     checkout's, whichever one is installed); ``log`` records the run's processes."""

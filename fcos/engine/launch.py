@@ -73,8 +73,8 @@ def launch(
     mp.spawn(
         _distributed_worker,
         nprocs=num_gpus_per_machine,
-        args=(main_func, backend, device.startswith("cuda"), world_size, num_gpus_per_machine, machine_rank,
-              dist_url, tuple(args), timeout),
+        args=(main_func, backend, device.startswith("cuda"), world_size, num_gpus_per_machine,
+              machine_rank, dist_url, tuple(args), timeout),
         daemon=False,
     )
 
