@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,11 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from fcos.engine.config import get_fcos_cfg
+
+try:  # POSIX; Windows has no `resource` module and answers through its process API instead.
+    import resource
+except ModuleNotFoundError:
+    resource = None
 
 REPO = Path(__file__).resolve().parents[1]
 OURS_CONFIG = REPO / "configs" / "fcos_R_50_FPN.yaml"
@@ -121,9 +125,43 @@ def summarize(seconds: Sequence[float]) -> Dict[str, float]:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+    """Peak resident memory of this process so far, in MiB.
+
+    ``ru_maxrss`` where ``resource`` exists (Linux reports KiB, macOS bytes); on Windows the peak
+    working set, which is the same quantity (the most physical memory the process ever held).
+    """
+    if resource is not None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+    return _windows_peak_working_set() / (1024 * 1024)
+
+
+def _windows_peak_working_set() -> int:
+    """``PeakWorkingSetSize`` in bytes from ``K32GetProcessMemoryInfo`` (kernel32, Windows 7+)."""
+    import ctypes
+    from ctypes import wintypes
+
+    class ProcessMemoryCounters(ctypes.Structure):
+        # PROCESS_MEMORY_COUNTERS from psapi.h, in its declared order.
+        _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD)] + [
+            (name, ctypes.c_size_t)
+            for name in (
+                "PeakWorkingSetSize", "WorkingSetSize",
+                "QuotaPeakPagedPoolUsage", "QuotaPagedPoolUsage",
+                "QuotaPeakNonPagedPoolUsage", "QuotaNonPagedPoolUsage",
+                "PagefileUsage", "PeakPagefileUsage",
+            )
+        ]
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    kernel32.GetCurrentProcess.restype = wintypes.HANDLE
+    query = kernel32.K32GetProcessMemoryInfo
+    query.argtypes = [wintypes.HANDLE, ctypes.POINTER(ProcessMemoryCounters), wintypes.DWORD]
+    query.restype = wintypes.BOOL
+    counters = ProcessMemoryCounters(cb=ctypes.sizeof(ProcessMemoryCounters))
+    if not query(kernel32.GetCurrentProcess(), ctypes.byref(counters), counters.cb):
+        raise ctypes.WinError(ctypes.get_last_error())
+    return counters.PeakWorkingSetSize
 
 
 def machine_info(threads: int) -> Dict[str, Any]:

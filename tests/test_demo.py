@@ -4,7 +4,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import ntpath
 import sys
+import types
 from pathlib import Path
 
 import cv2
@@ -175,3 +177,19 @@ def test_output_paths_keep_distinct_names():
     assert paths == {"x/a.jpg": "out/a.jpg", "y/a.jpg": "out/a_1.jpg", "y/b.jpg": "out/b.jpg"}
     assert demo.output_paths(["x/a.jpg"], "out/picture.png") == {"x/a.jpg": "out/picture.png"}
     assert demo.output_paths(["x/a.jpg"], None) == {}
+
+
+def test_windows_paths_name_outputs_and_find_image_ids(monkeypatch, tmp_path):
+    """With Windows' os.path (ntpath): drive letters, backslashes and the mixed separators that
+    ``%DATASETS_ROOT%/coco/...`` gives keep their base names; COCO "/" file names match them."""
+    monkeypatch.setattr(demo, "os", types.SimpleNamespace(path=ntpath))
+    files = ["D:\\data\\a.jpg", "D:\\datasets/coco/val2017/a.jpg", "E:\\b.PNG"]
+    assert demo.output_paths(files, "D:\\out") == {
+        files[0]: "D:\\out\\a.jpg", files[1]: "D:\\out\\a_1.jpg", files[2]: "D:\\out\\b.PNG"}
+    picture = "D:\\out\\picture.png"
+    assert demo.output_paths(files[:1], picture) == {files[0]: picture}
+    ann_file = tmp_path / "val.json"
+    images = [{"id": 7, "file_name": "sub/a.jpg"}, {"id": 9, "file_name": "b.PNG"}]
+    ann_file.write_text(json.dumps({"categories": [{"id": 1, "name": "x"}], "images": images}))
+    ids = demo.CocoIds.from_sources(1, str(ann_file), None)
+    assert [ids.image_id(path, i) for i, path in enumerate(files + ["D:\\c.jpg"])] == [7, 7, 9, 4]

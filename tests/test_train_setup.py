@@ -233,6 +233,8 @@ def test_backend_is_gloo_on_cpu_and_nccl_with_enough_gpus(monkeypatch: pytest.Mo
     assert launch.choose_backend("cuda", 2) == "nccl"
     with pytest.raises(launch.LaunchError, match="--num-gpus 4 but only 2 GPU"):
         launch.choose_backend("cuda", 4)
+    monkeypatch.setattr(launch.dist, "is_nccl_available", lambda: False)  # every Windows build
+    assert launch.choose_backend("cuda", 2) == "gloo"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(launch.LaunchError, match="only 0 GPU"):
         launch.choose_backend("cuda:0", 1)

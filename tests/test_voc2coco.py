@@ -233,3 +233,20 @@ def test_box_entirely_outside_the_image_is_skipped(tmp_path: Path) -> None:
         f"{xml}: <object>[1]/<bndbox> (70, 5, 90, 9) lies outside the 60x30 image"]
     assert [a["bbox"] for a in result.coco["annotations"]] == [[0, 0, 60, 30]]  # x0=-1, y1=31 clipped
     assert result.stats.clipped == 1 and result.stats.skipped_objects == 1
+
+
+def test_windows_separators_in_filename_become_forward_slashes(tmp_path: Path) -> None:
+    """A ``<filename>`` written on Windows (``sub\\a.jpg``) is a "/" path in the JSON, and its image
+    is found through it when the size has to be read from the file."""
+    images = tmp_path / "JPEGImages"
+    (images / "sub").mkdir(parents=True)
+    Image.new("RGB", (30, 20)).save(images / "sub" / "a.jpg")
+    first, second = tmp_path / "a.xml", tmp_path / "b.xml"
+    # <size> 0 x 0: the size is read from the image, found through the converted name.
+    first.write_text(_xml([_obj("cat", (1, 1, 30, 20))], "sub\\a.jpg", (0, 0)))
+    # No extension after the last separator: the dot in the folder name is not one, .jpg is added.
+    second.write_text(_xml([_obj("cat", (1, 1, 5, 5))], "v1.2\\b", (10, 10)))
+    result = convert([first, second], ["cat"], image_dir=images)
+    assert result.problems == []
+    assert [(im["file_name"], im["width"], im["height"]) for im in result.coco["images"]] == [
+        ("sub/a.jpg", 30, 20), ("v1.2/b.jpg", 10, 10)]

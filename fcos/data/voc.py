@@ -31,7 +31,7 @@ import math
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal, Sequence
 
 from .common import (
@@ -187,11 +187,14 @@ def _file_name(root: ET.Element, path: str, image_ext: str) -> str:
     """Image path relative to the image folder: ``<filename>``, else the annotation's stem.
 
     Some labelling tools write ``<filename>`` without an extension; ``image_ext`` completes it.
+    Tools on Windows may write ``sub\\0001.jpg``: COCO ``file_name`` is "/"-separated (detectron2
+    joins it to the image root with ``os.path.join``, which takes "/" on Windows too), so the JSON
+    works on every OS.
     """
-    name = (root.findtext("filename") or "").strip()
+    name = (root.findtext("filename") or "").strip().replace("\\", "/")
     if not name:
         return Path(path).stem + image_ext
-    return name if Path(name).suffix else name + image_ext
+    return name if PurePosixPath(name).suffix else name + image_ext
 
 
 def _image_size(root: ET.Element, path: str, file_name: str, image_dir: str | Path | None) -> tuple[int, int]:

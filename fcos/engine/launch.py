@@ -1,4 +1,5 @@
-"""Start one training process per device with torch.distributed: NCCL on GPUs, gloo on CPU-only machines.
+"""Start one training process per device with torch.distributed: NCCL on GPUs (gloo where torch has
+no NCCL, as on Windows), gloo on CPU-only machines.
 
 detectron2 0.6's ``launch`` hard-codes the NCCL backend and asserts CUDA, so multi-process training
 could not run on a CPU machine at all. This keeps its interface (``num_gpus_per_machine`` is "processes
@@ -28,7 +29,8 @@ class LaunchError(ValueError):
 def choose_backend(device: str, processes_per_machine: int) -> str:
     """"nccl" for a CUDA ``MODEL.DEVICE`` (one GPU per process), "gloo" for the CPU.
 
-    Too few GPUs for a CUDA run is an error, not a silent CPU run.
+    torch builds without NCCL (all Windows builds) use gloo for the GPUs too: it all-reduces CUDA
+    tensors, which is what DDP needs. Too few GPUs for a CUDA run is an error, not a silent CPU run.
     """
     if not device.startswith("cuda"):
         return "gloo"
@@ -38,7 +40,7 @@ def choose_backend(device: str, processes_per_machine: int) -> str:
             f"--num-gpus {processes_per_machine} but only {available} GPU(s) are visible on this machine; "
             "set MODEL.DEVICE cpu to run that many gloo processes on the CPU"
         )
-    return "nccl"
+    return "nccl" if dist.is_nccl_available() else "gloo"
 
 
 def launch(
@@ -71,7 +73,8 @@ def launch(
     mp.spawn(
         _distributed_worker,
         nprocs=num_gpus_per_machine,
-        args=(main_func, backend, world_size, num_gpus_per_machine, machine_rank, dist_url, tuple(args), timeout),
+        args=(main_func, backend, device.startswith("cuda"), world_size, num_gpus_per_machine,
+              machine_rank, dist_url, tuple(args), timeout),
         daemon=False,
     )
 
@@ -80,6 +83,7 @@ def _distributed_worker(
     local_rank: int,
     main_func: Callable[..., Any],
     backend: str,
+    cuda: bool,
     world_size: int,
     num_gpus_per_machine: int,
     machine_rank: int,
@@ -88,7 +92,7 @@ def _distributed_worker(
     timeout: timedelta,
 ) -> None:
     global_rank = machine_rank * num_gpus_per_machine + local_rank
-    if backend == "nccl":
+    if cuda:
         torch.cuda.set_device(local_rank)
     elif "OMP_NUM_THREADS" not in os.environ:
         # Processes on one machine share its cores; without this each would start a thread per core.
