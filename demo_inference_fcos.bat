@@ -12,8 +12,6 @@ rem ----------------------------------------------------------------------------
 cd /d "%~dp0"
 call "%ANACONDA_ROOT%\Scripts\activate.bat" "%ENV_NAME%"
 if errorlevel 1 goto activate_failed
-rem This folder's fcos library, also without "pip install -e ." (demo\demo.py imports it).
-set "PYTHONPATH=%~dp0;%PYTHONPATH%"
 
 python demo/demo.py ^
   --config-file configs/fcos_R_50_FPN.yaml ^

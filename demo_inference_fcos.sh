@@ -12,8 +12,6 @@ DATASETS_ROOT=${DATASETS_ROOT:-$HOME/datasets}
 # ------------------------------------------------------------------
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
-# This folder's fcos library, also without "pip install -e ." (demo/demo.py imports it).
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 "$PYTHON" demo/demo.py \
   --config-file configs/fcos_R_50_FPN.yaml \

@@ -12,8 +12,6 @@ rem ----------------------------------------------------------------------------
 cd /d "%~dp0"
 call "%ANACONDA_ROOT%\Scripts\activate.bat" "%ENV_NAME%"
 if errorlevel 1 goto activate_failed
-rem This folder's fcos library, also without "pip install -e ." (demo\demo.py imports it).
-set "PYTHONPATH=%~dp0;%PYTHONPATH%"
 set "DETECTRON2_DATASETS=%DATASETS_ROOT%"
 
 rem One GPU, 2 images per batch: the config's 16-image learning rate scaled with it (0.01 * 2 / 16).

@@ -11,8 +11,6 @@ DATASETS_ROOT=${DATASETS_ROOT:-$HOME/datasets}
 # ------------------------------------------------------------------
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
-# This folder's fcos library, also without "pip install -e ." (demo/demo.py imports it).
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export DETECTRON2_DATASETS=$DATASETS_ROOT
 
 # One GPU, 2 images per batch: the config's 16-image learning rate scaled with it (0.01 * 2 / 16).

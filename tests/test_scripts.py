@@ -80,7 +80,6 @@ def test_bat_files_are_crlf_with_the_user_variables_at_the_top():
         first_command = next(line for line in lines if line and not line.startswith(("@echo", "rem", "set ")))
         assert first_command == 'cd /d "%~dp0"', f"{name}: only comments and the variables come before the commands"
         assert 'call "%ANACONDA_ROOT%\\Scripts\\activate.bat" "%ENV_NAME%"' in lines
-        assert 'set "PYTHONPATH=%~dp0;%PYTHONPATH%"' in lines, f"{name}: this folder's fcos first"
     assert "*.bat text eol=crlf" in (REPO_ROOT / ".gitattributes").read_text().splitlines()
 
 
@@ -91,8 +90,6 @@ def test_windows_and_linux_twins_run_the_same_command(stem):
     assert tuple(sh_vars) == SH_VARIABLES
     values = {"DATASETS_ROOT": "/data"}
     assert expand(bat_args, values) == expand(sh_args, values)
-    sh_lines = (REPO_ROOT / f"{stem}.sh").read_text().splitlines()
-    assert 'export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"' in sh_lines
     assert os.access(REPO_ROOT / f"{stem}.sh", os.X_OK)
 
 
@@ -126,9 +123,8 @@ def workspace(tmp_path_factory) -> Tuple[Path, Path]:
 
 
 def _run(work: Path, args: List[str], **env: str) -> subprocess.CompletedProcess:
-    """``python args`` from ``work``, as the script would run it (its interpreter is this one, and
-    the script puts its folder on PYTHONPATH)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(work), **env}
+    """``python args`` from ``work``, as the script would run it (its interpreter is this one)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     return subprocess.run([sys.executable, *args], cwd=work, env=env, capture_output=True, text=True, timeout=600)
 
 
