@@ -218,6 +218,7 @@ detectron2's own deformable conv, the fast COCO evaluator) are not available in 
 """
 
 FCOS_D2_PATCH_FINGERPRINT = "{fingerprint}"
+FCOS_D2_INSTALLED_FROM = {origin!r}
 
 
 def get_compiler_version() -> str:
@@ -304,14 +305,18 @@ def find_removed_numpy_aliases(root: Path) -> list[str]:
     return hits
 
 
-def finish_tree(root: Path, patches: Sequence[Patch], fingerprint: str) -> None:
-    """Patch an extracted or copied tree and add ``detectron2/_C.py``: ready for pip install."""
+def finish_tree(root: Path, patches: Sequence[Patch], fingerprint: str, origin: str) -> None:
+    """Patch an extracted or copied tree and add ``detectron2/_C.py``: ready for pip install.
+
+    ``origin`` (the sdist's file name or the checkout's path) is recorded in ``_C.py`` so that a
+    check of the environment can recompute the fingerprint it should have.
+    """
     log(f"applying {len(patches)} asserted patches")
     apply_patches(root, patches)
     leftovers = find_removed_numpy_aliases(root)
     if leftovers:
         raise InstallError("removed numpy aliases left unpatched: " + ", ".join(leftovers))
-    c_module = C_MODULE_TEMPLATE.format(fingerprint=fingerprint)
+    c_module = C_MODULE_TEMPLATE.format(fingerprint=fingerprint, origin=origin)
     write_atomically(root / "detectron2" / "_C.py", c_module)
 
 
@@ -379,13 +384,15 @@ def prepare_source_tree(source: Path, destination: Path) -> str:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source / relative, target)
     try:
-        finish_tree(destination, SOURCE_PATCHES, fingerprint)
+        finish_tree(destination, SOURCE_PATCHES, fingerprint, str(source))
     except InstallError as error:
         raise UnknownTreeError(f"{source}: {error}") from None
     return fingerprint
 
 
 # Run in a fresh interpreter so nothing imported by this process can mask a just-installed copy.
+# Prints two lines: what _C is (missing, official, or the fingerprint of this script's stand-in,
+# "foreign" for someone else's) and where this script installed it from (empty if unknown).
 STATE_PROBE = """
 import importlib.machinery, importlib.util
 try:
@@ -393,13 +400,23 @@ try:
 except Exception:
     spec = None
 if spec is None or spec.origin is None:
-    print("missing")
+    print("missing", "", sep="\\n")
 elif spec.origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
-    print("official")
+    print("official", "", sep="\\n")
 else:
     import detectron2._C as c
     print(getattr(c, "FCOS_D2_PATCH_FINGERPRINT", "foreign"))
+    print(getattr(c, "FCOS_D2_INSTALLED_FROM", ""))
 """
+
+
+def probe_install() -> tuple[str, str]:
+    """(what detectron2._C is, recorded origin) in this environment; see STATE_PROBE."""
+    probe = subprocess.run([sys.executable, "-c", STATE_PROBE], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return "missing", ""
+    answer, _, origin = probe.stdout.partition("\n")
+    return answer, origin.strip()
 
 
 def installed_state(fingerprint: str | None = None) -> str:
@@ -409,11 +426,23 @@ def installed_state(fingerprint: str | None = None) -> str:
     (default: the sdist route's); "stale" is anything else that imports (another route, tree or
     patch set, someone else's stand-in).
     """
-    probe = subprocess.run([sys.executable, "-c", STATE_PROBE], capture_output=True, text=True)
-    answer = probe.stdout.strip() if probe.returncode == 0 else "missing"
+    answer, _ = probe_install()
     if answer in ("missing", "official"):
         return answer
     return "current" if answer == (fingerprint or patch_fingerprint()) else "stale"
+
+
+def installed_state_for_its_origin() -> str:
+    """installed_state() against the fingerprint that the recorded origin should give.
+
+    For an environment installed by either route, whichever it was: the test suite runs in both.
+    """
+    answer, origin = probe_install()
+    if answer in ("missing", "official") or not origin:
+        return installed_state()
+    if origin == SDIST_FILE:
+        return installed_state(patch_fingerprint())
+    return installed_state(source_fingerprint(Path(origin)))
 
 
 def sha256_of(path: Path) -> str:
@@ -478,7 +507,7 @@ def install_sdist(cache_dir: Path) -> None:
         with tarfile.open(sdist) as archive:
             archive.extractall(build_dir, filter="data")
         root = Path(build_dir) / f"{SDIST_NAME}-{SDIST_VERSION}"
-        finish_tree(root, SDIST_PATCHES, patch_fingerprint())
+        finish_tree(root, SDIST_PATCHES, patch_fingerprint(), SDIST_FILE)
         pip_install_tree(root, patch_fingerprint())
 
 
