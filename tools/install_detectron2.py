@@ -427,9 +427,14 @@ def installed_state(fingerprint: str | None = None) -> str:
     patch set, someone else's stand-in).
     """
     answer, _ = probe_install()
+    return _state(answer, fingerprint or patch_fingerprint())
+
+
+def _state(answer: str, fingerprint: str) -> str:
+    """installed_state's verdict on a STATE_PROBE answer, for the expected ``fingerprint``."""
     if answer in ("missing", "official"):
         return answer
-    return "current" if answer == (fingerprint or patch_fingerprint()) else "stale"
+    return "current" if answer == fingerprint else "stale"
 
 
 def installed_state_for_its_origin() -> str:
@@ -438,11 +443,9 @@ def installed_state_for_its_origin() -> str:
     For an environment installed by either route, whichever it was: the test suite runs in both.
     """
     answer, origin = probe_install()
-    if answer in ("missing", "official") or not origin:
-        return installed_state()
-    if origin == SDIST_FILE:
-        return installed_state(patch_fingerprint())
-    return installed_state(source_fingerprint(Path(origin)))
+    if answer in ("missing", "official") or origin in ("", SDIST_FILE):
+        return _state(answer, patch_fingerprint())
+    return _state(answer, source_fingerprint(Path(origin)))
 
 
 def sha256_of(path: Path) -> str:
