@@ -5,9 +5,8 @@
 #   bash setup.sh --install-only   # install only (what CI runs); same as FCOS_SKIP_MAIN_JOB=1
 #
 # Steps: create the venv, install the pins of requirements.txt, build detectron2 0.6 from the
-# pb1-detectron2 sdist, or detectron2 from FCOS_DETECTRON2_SOURCE (tools/install_detectron2.py),
-# check that detectron2 imports, run the main job. Each step skips what is already done, so a
-# second run is quick and changes nothing.
+# pb1-detectron2 sdist (tools/install_detectron2.py), check that detectron2 imports, run the main
+# job. Each step skips what is already done, so a second run is quick and changes nothing.
 #
 # Environment:
 #   PYTHON=python3.11        interpreter used to create the venv (must be Python 3.11)
