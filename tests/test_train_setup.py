@@ -377,7 +377,7 @@ def test_resume_from_a_state_without_trainer_state_starts_a_fresh_optimizer(
     trainer = FCOSTrainer(cfg)
     # What detectron2 0.6's DefaultTrainer and the seed saved: the iteration and the hook states.
     scheduler = {"last_epoch": 41, "base_lrs": [cfg.SOLVER.BASE_LR]}
-    with caplog.at_level(logging.WARNING, logger="training.trainer"):
+    with caplog.at_level(logging.WARNING, logger=FCOSTrainer.__module__):
         trainer.load_state_dict({"iteration": 41, "hooks": {"LRScheduler": scheduler}})
     assert trainer.iter == 41
     assert trainer.scheduler.last_epoch == 41
