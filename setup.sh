@@ -12,11 +12,14 @@
 #   PYTHON=python3.11        interpreter used to create the venv (must be Python 3.11)
 #   FCOS_VENV=<dir>          venv location (default: .venv in this directory)
 #   FCOS_SKIP_MAIN_JOB=1     do not run the main job (like --install-only)
+#   FCOS_DETECTRON2_SOURCE=<dir>  install detectron2 from this source checkout (e.g. a git clone of
+#                            main) instead of the 0.6 sdist, without compiling its C++ extension
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 python_cmd=${PYTHON:-python3.11}
 venv=$(realpath -m "${FCOS_VENV:-$repo/.venv}")
+detectron2_source=${FCOS_DETECTRON2_SOURCE:+$(realpath -m "$FCOS_DETECTRON2_SOURCE")}
 cd "$repo"
 skip_main_job=${FCOS_SKIP_MAIN_JOB:-0}
 cache_dir=$repo/.install-cache
@@ -74,8 +77,13 @@ else
   "$py" -m pip install -r requirements.txt
 fi
 
-step "detectron2 0.6"
-"$py" tools/install_detectron2.py --cache-dir "$cache_dir"
+if [[ -n $detectron2_source ]]; then
+  step "detectron2 from the checkout $detectron2_source"
+  "$py" tools/install_detectron2.py --source "$detectron2_source" --cache-dir "$cache_dir"
+else
+  step "detectron2 0.6"
+  "$py" tools/install_detectron2.py --cache-dir "$cache_dir"
+fi
 
 step "The fcos package (editable install of this checkout)"
 # Idempotent: skipped when `import fcos` from another directory already resolves to this checkout.

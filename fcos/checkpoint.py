@@ -245,6 +245,11 @@ class FCOSCheckpointer(DetectionCheckpointer):
             return super().load(path, checkpointables)
         except CheckpointMismatchError as e:
             raise CheckpointMismatchError(f"{path}: {e}") from None
+        finally:
+            # detectron2 main's DetectionCheckpointer.load sets this for the duration of a load,
+            # asserts it is unset on entry and does not reset it when the load raises.
+            if hasattr(self, "_parsed_url_during_load"):
+                self._parsed_url_during_load = None
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         converted = read_checkpoint(

@@ -268,6 +268,23 @@ def test_other_mismatch_is_an_error_naming_key_shapes_and_switch(tmp_path: Path)
     _assert_state_equal(target, before)
 
 
+def test_a_failed_load_leaves_the_checkpointer_usable(tmp_path: Path) -> None:
+    wide_cfg = small_cfg()
+    wide_cfg.MODEL.FPN.OUT_CHANNELS = 64
+    wide = tmp_path / "wide.pth"
+    torch.save({"model": _randomized_state(_build(wide_cfg), seed=5)}, wide)
+    target = _build(small_cfg())
+    good_state = _randomized_state(target, seed=8)
+    good = tmp_path / "good.pth"
+    torch.save({"model": good_state}, good)
+
+    checkpointer = FCOSCheckpointer(target)
+    with pytest.raises(CheckpointMismatchError):
+        checkpointer.load(str(wide))
+    checkpointer.load(str(good))
+    _assert_state_equal(target, good_state)
+
+
 def test_deeper_resnet_mismatch_names_depth(tmp_path: Path) -> None:
     r50_cfg = small_cfg()
     r50_cfg.MODEL.RESNETS.DEPTH = 50

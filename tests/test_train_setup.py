@@ -3,6 +3,7 @@ bad-data errors, degenerate boxes, optimizer, backend choice, LR scaling, AP tab
 hidden rotation."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
@@ -13,6 +14,7 @@ from typing import Iterator, List
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import SimpleTrainer
 from detectron2.structures import BoxMode
 from PIL import Image
 from torch import nn
@@ -344,6 +346,45 @@ def test_nan_loss_stops_with_the_iteration_before_the_step() -> None:
         trainer.train(0, 10)
     # Three SGD steps on w^2 (w <- w - 0.1 * 2w = 0.8 w), none at iteration 3.
     assert model.w.item() == pytest.approx(0.8**3)
+
+
+def test_nan_loss_names_the_iteration_detectron2_passes() -> None:
+    # detectron2 main's asynchronous metric writer passes the iteration the losses belong to.
+    model = _LossAt(bad_iter=-1)
+    trainer = FiniteLossTrainer(model, iter(range(100)), torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer.iter = 9
+    with pytest.raises(NonFiniteLossError, match=r"iteration 4 .*'loss_a': nan"):
+        trainer._write_metrics({"loss_a": torch.tensor(float("nan"))}, 0.0, iter=4)
+
+
+@pytest.mark.skipif(
+    "async_write_metrics" not in inspect.signature(SimpleTrainer.__init__).parameters,
+    reason="this detectron2's SimpleTrainer has no asynchronous metric writer (0.6)",
+)
+def test_asynchronous_metrics_are_written_for_each_iteration() -> None:
+    model = _LossAt(bad_iter=-1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = FiniteLossTrainer(model, iter(range(100)), optimizer, async_write_metrics=True)
+    trainer.train(0, 3)
+    # w^2 with w <- 0.8 w after each step: 1, 0.64, 0.4096 at iterations 0, 1, 2.
+    values = trainer.storage.history("total_loss").values()
+    assert [it for _, it in values] == [0, 1, 2]
+    assert [v for v, _ in values] == pytest.approx([1.0, 0.64, 0.4096])
+
+
+def test_resume_from_a_state_without_trainer_state_starts_a_fresh_optimizer(
+    tmp_path: Path, catalog: List[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = _setup(_custom_argv(tmp_path, catalog) + [*TINY_OPTS, "OUTPUT_DIR", str(tmp_path / "out")])
+    trainer = FCOSTrainer(cfg)
+    # What detectron2 0.6's DefaultTrainer and the seed saved: the iteration and the hook states.
+    scheduler = {"last_epoch": 41, "base_lrs": [cfg.SOLVER.BASE_LR]}
+    with caplog.at_level(logging.WARNING, logger=FCOSTrainer.__module__):
+        trainer.load_state_dict({"iteration": 41, "hooks": {"LRScheduler": scheduler}})
+    assert trainer.iter == 41
+    assert trainer.scheduler.last_epoch == 41
+    assert trainer._trainer.optimizer.state_dict()["state"] == {}
+    assert "no optimizer state" in caplog.text
 
 
 def test_training_images_are_never_rotated(tmp_path: Path, catalog: List[str]) -> None:

@@ -1,21 +1,29 @@
-"""Install detectron2 0.6 into the running Python environment from the pb1-detectron2 sdist.
+"""Install detectron2 into the running Python environment without compiling its C++ extension.
 
-Why this exists: detectron2 is not on PyPI under its own name. ``pb1-detectron2==0.6`` carries the
-official v0.6 Python code but no C++ sources, and that code predates torch 2.x, Pillow 10,
-setuptools 81 and numpy 1.24/2. This script downloads that sdist, checks its hash, applies a list of
-small (old, new) text replacements, writes a pure-Python ``detectron2/_C.py`` compatibility module
-in place of the missing compiled extension, and pip-installs the result. A comment above each
-replacement says which library change made it necessary.
+Why this exists: detectron2 is not on PyPI under its own name, and building its C++ extension needs
+a compiler (and the CUDA toolkit for GPU ops) that many users, on Windows especially, do not have.
+This project needs none of the compiled ops. Two routes, both pip-installing the Python code only:
 
-Every replacement asserts that its old text occurs exactly the expected number of times and all of
-them are checked before any file is written, so a different sdist fails loudly and untouched.
+* default: download the ``pb1-detectron2==0.6`` sdist (the official v0.6 Python code without C++
+  sources), check its hash and patch it for torch 2.x, Pillow 10, setuptools 81 and numpy 1.24/2;
+* ``--source DIR``: a detectron2 source checkout (``git clone`` of the official repository, e.g. its
+  main branch), copied and patched so that ``setup.py`` builds no extension. The checkout itself is
+  never modified.
+
+Each route applies a list of small (old, new) text replacements, a comment above each saying which
+library change made it necessary, and writes a pure-Python ``detectron2/_C.py`` compatibility module
+in place of the compiled extension. Every replacement asserts that its old text occurs exactly the
+expected number of times and all of them are checked before any file is written, so a different
+tree fails loudly and untouched.
 
 Run it with the target environment's interpreter (torch must already be installed there)::
 
     .venv/bin/python tools/install_detectron2.py --cache-dir .install-cache
+    .venv/bin/python tools/install_detectron2.py --source ../detectron2
 
 An official detectron2 build (one with a compiled ``detectron2._C``) is left untouched, and so is an
-install made by this script from the same patch set; anything else is replaced.
+install made by this script by the same route from the same tree and patch set; anything else is
+replaced.
 """
 
 from __future__ import annotations
@@ -23,8 +31,10 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import importlib.machinery
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -51,7 +61,7 @@ class InstallError(RuntimeError):
 
 @dataclass(frozen=True)
 class Patch:
-    """Replace ``old``, expected ``count`` times, by ``new`` in ``path`` (sdist-relative)."""
+    """Replace ``old``, expected ``count`` times, by ``new`` in ``path`` (tree-relative)."""
 
     path: str
     old: str
@@ -59,7 +69,20 @@ class Patch:
     count: int = 1
 
 
-PATCHES: tuple[Patch, ...] = (
+# setuptools >= 81 removed pkg_resources, which detectron2.model_zoo (0.6 and main) imports to
+# find its configs; they sit next to model_zoo.py.
+MODEL_ZOO_PATCHES: tuple[Patch, ...] = (
+    Patch("detectron2/model_zoo/model_zoo.py", "import pkg_resources\n", ""),
+    Patch(
+        "detectron2/model_zoo/model_zoo.py",
+        "    cfg_file = pkg_resources.resource_filename(\n"
+        '        "detectron2.model_zoo", os.path.join("configs", config_path)\n'
+        "    )\n",
+        '    cfg_file = os.path.join(os.path.dirname(__file__), "configs", config_path)\n',
+    ),
+)
+
+SDIST_PATCHES: tuple[Patch, ...] = (
     # setup.py imports torch and builds a C++ extension whose sources the sdist lacks.
     Patch(
         "setup.py",
@@ -103,15 +126,7 @@ PATCHES: tuple[Patch, ...] = (
         "interp=Image.LINEAR,",
         "interp=Image.BILINEAR,",
     ),
-    # setuptools >= 81 removed pkg_resources; the configs sit next to model_zoo.py.
-    Patch("detectron2/model_zoo/model_zoo.py", "import pkg_resources\n", ""),
-    Patch(
-        "detectron2/model_zoo/model_zoo.py",
-        "    cfg_file = pkg_resources.resource_filename(\n"
-        '        "detectron2.model_zoo", os.path.join("configs", config_path)\n'
-        "    )\n",
-        '    cfg_file = os.path.join(os.path.dirname(__file__), "configs", config_path)\n',
-    ),
+    *MODEL_ZOO_PATCHES,
     # numpy 2: np.array(..., copy=False) raises whenever a copy is needed. Pillow 13 images export
     # their buffer, so this passes today; np.asarray states the intent without that trap.
     Patch(
@@ -157,17 +172,53 @@ PATCHES: tuple[Patch, ...] = (
     Patch("detectron2/utils/video_visualizer.py", "dtype=np.bool)", "dtype=bool)"),
 )
 
+# What --source patches in a detectron2 checkout (checked against main, commit 02b5c4e).
+SOURCE_PATCHES: tuple[Patch, ...] = (
+    # setup.py compiles detectron2/layers/csrc into detectron2._C: this route installs Python only.
+    Patch(
+        "setup.py",
+        "    ext_modules=get_extensions(),\n"
+        '    cmdclass={"build_ext": torch.utils.cpp_extension.BuildExtension},\n',
+        "",
+    ),
+    # A checkout's tools/ (detectron2's example scripts, with an __init__.py) would be installed as
+    # a top-level package named "tools" and shadow this repository's tools/ directory.
+    Patch(
+        "setup.py",
+        'packages=find_packages(exclude=("configs", "tests*")) + list(PROJECTS.keys()),',
+        'packages=find_packages(include=("detectron2", "detectron2.*")) + list(PROJECTS),',
+    ),
+    # detectron2.projects.* are installed from the checkout's projects/; a tree exported without
+    # that folder installs without them instead of failing on the missing package directories.
+    Patch(
+        "setup.py",
+        "\nsetup(\n",
+        "\nPROJECTS = {name: folder for name, folder in PROJECTS.items() if path.isdir(folder)}\n"
+        "\nsetup(\n",
+    ),
+    *MODEL_ZOO_PATCHES,
+)
+
+# What --source copies out of a checkout: what setup.py builds from. Anything else (.git, datasets/,
+# which often holds COCO, build output) stays behind.
+SOURCE_ENTRIES = ("setup.py", "setup.cfg", "detectron2", "configs", "projects")
+REQUIRED_SOURCE_ENTRIES = ("setup.py", "detectron2/__init__.py", "configs")
+# Generated by a previous build or run inside the checkout, never part of the source.
+SKIPPED_DIRS = frozenset({"__pycache__", "build"})
+SKIPPED_SUFFIXES = (".pyc", ".egg-info", *importlib.machinery.EXTENSION_SUFFIXES)
+
 # detectron2/_C.py written at install time. collect_env() and default_setup() call the three
 # version queries; any compiled op gets an AttributeError that says why it is missing.
 C_MODULE_TEMPLATE = '''\
 """Pure-Python stand-in for detectron2's compiled extension, written by fcos-d2's
-tools/install_detectron2.py: the pb1-detectron2 sdist ships no C++ sources.
+tools/install_detectron2.py, which installs detectron2 without compiling its C++ code.
 
 collect_env() and default_setup() only query the versions below. Compiled ops (rotated boxes,
 detectron2's own deformable conv, the fast COCO evaluator) are not available in this install.
 """
 
 FCOS_D2_PATCH_FINGERPRINT = "{fingerprint}"
+FCOS_D2_INSTALLED_FROM = {origin!r}
 
 
 def get_compiler_version() -> str:
@@ -190,9 +241,15 @@ def __getattr__(name: str):
 '''
 
 
-def patch_fingerprint() -> str:
-    """Identify the sdist + patch set, so a rerun can tell whether the installed copy is current."""
-    payload = repr((SDIST_SHA256, PATCHES, C_MODULE_TEMPLATE)).encode()
+class UnknownTreeError(InstallError):
+    """``--source`` names something that is not a detectron2 checkout this script knows."""
+
+
+def patch_fingerprint(
+    tree_digest: str = SDIST_SHA256, patches: Sequence[Patch] = SDIST_PATCHES
+) -> str:
+    """Identify input tree + patch set: a rerun can tell whether the installed copy is current."""
+    payload = repr((tree_digest, tuple(patches), C_MODULE_TEMPLATE)).encode()
     return hashlib.sha256(payload).hexdigest()[:16]
 
 
@@ -212,13 +269,13 @@ def apply_patches(root: Path, patches: Sequence[Patch]) -> None:
         if patch.path not in texts:
             file = root / patch.path
             if not file.is_file():
-                raise InstallError(f"{patch.path}: missing from the sdist (a different sdist?)")
+                raise InstallError(f"{patch.path}: missing (a different detectron2 tree?)")
             texts[patch.path] = file.read_text(encoding="utf-8")
         found = texts[patch.path].count(patch.old)
         if found != patch.count:
             raise InstallError(
                 f"{patch.path}: expected {patch.count} occurrence(s) of {patch.old!r}, "
-                f"found {found} (a different sdist?)"
+                f"found {found} (a different detectron2 tree?)"
             )
         texts[patch.path] = texts[patch.path].replace(patch.old, patch.new)
     for relative, text in texts.items():
@@ -248,7 +305,96 @@ def find_removed_numpy_aliases(root: Path) -> list[str]:
     return hits
 
 
+def finish_tree(root: Path, patches: Sequence[Patch], fingerprint: str, origin: str) -> None:
+    """Patch an extracted or copied tree and add ``detectron2/_C.py``: ready for pip install.
+
+    ``origin`` (the sdist's file name or the checkout's path) is recorded in ``_C.py`` so that a
+    check of the environment can recompute the fingerprint it should have.
+    """
+    log(f"applying {len(patches)} asserted patches")
+    apply_patches(root, patches)
+    # The detectron2 package only: a checkout's projects/ holds far more than the three projects
+    # setup.py installs, and this project uses none of them.
+    leftovers = find_removed_numpy_aliases(root / "detectron2")
+    if leftovers:
+        raise InstallError("removed numpy aliases left unpatched: " + ", ".join(leftovers))
+    c_module = C_MODULE_TEMPLATE.format(fingerprint=fingerprint, origin=origin)
+    write_atomically(root / "detectron2" / "_C.py", c_module)
+
+
+def source_files(source: Path) -> list[Path]:
+    """The checkout's files that --source copies (see SOURCE_ENTRIES), relative, sorted.
+
+    Symlinked folders are not followed: ``detectron2/model_zoo/configs`` is one that setup.py
+    creates, and a ``datasets`` link can point at a whole dataset.
+    """
+    files = []
+    for entry in SOURCE_ENTRIES:
+        top = source / entry
+        if top.is_file():
+            files.append(Path(entry))
+        elif top.is_dir() and not top.is_symlink():
+            for folder, dirs, names in os.walk(top):
+                dirs[:] = [d for d in dirs if _is_copied_dir(Path(folder) / d)]
+                relative = Path(folder).relative_to(source)
+                files.extend(relative / n for n in names if not n.endswith(SKIPPED_SUFFIXES))
+    return sorted(files)
+
+
+def _is_copied_dir(folder: Path) -> bool:
+    """Whether source_files descends into ``folder``: no build output, no symlinked folder."""
+    return not (
+        folder.name in SKIPPED_DIRS or folder.name.endswith(SKIPPED_SUFFIXES) or folder.is_symlink()
+    )
+
+
+def check_source_tree(source: Path) -> None:
+    """Fail with one line unless ``source`` looks like a detectron2 checkout."""
+    if not source.is_dir():
+        raise UnknownTreeError(f"{source}: not a directory (--source wants a detectron2 checkout)")
+    for required in REQUIRED_SOURCE_ENTRIES:
+        if not (source / required).exists():
+            raise UnknownTreeError(
+                f"{source}: no {required} (--source wants a detectron2 checkout, the folder that "
+                "`git clone https://github.com/facebookresearch/detectron2` creates)"
+            )
+
+
+def source_digest(source: Path, files: Sequence[Path]) -> str:
+    """Hash the names and contents of ``files``: a changed checkout gives another fingerprint."""
+    digest = hashlib.sha256()
+    for relative in files:
+        digest.update(relative.as_posix().encode() + b"\0")
+        digest.update(bytes.fromhex(sha256_of(source / relative)))
+    return digest.hexdigest()
+
+
+def source_fingerprint(source: Path) -> str:
+    """The fingerprint a --source install of the checkout at ``source`` gets."""
+    check_source_tree(source)
+    return patch_fingerprint(source_digest(source, source_files(source)), SOURCE_PATCHES)
+
+
+def prepare_source_tree(source: Path, destination: Path) -> str:
+    """Copy the checkout at ``source`` into ``destination``, patch the copy, return its fingerprint.
+
+    ``source`` is only read. Every failure to recognise it is an UnknownTreeError naming ``source``.
+    """
+    fingerprint = source_fingerprint(source)
+    for relative in source_files(source):
+        target = destination / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / relative, target)
+    try:
+        finish_tree(destination, SOURCE_PATCHES, fingerprint, str(source))
+    except InstallError as error:
+        raise UnknownTreeError(f"{source}: {error}") from None
+    return fingerprint
+
+
 # Run in a fresh interpreter so nothing imported by this process can mask a just-installed copy.
+# Prints two lines: what _C is (missing, official, or the fingerprint of this script's stand-in,
+# "foreign" for someone else's) and where this script installed it from (empty if unknown).
 STATE_PROBE = """
 import importlib.machinery, importlib.util
 try:
@@ -256,30 +402,56 @@ try:
 except Exception:
     spec = None
 if spec is None or spec.origin is None:
-    print("missing")
+    print("missing", "", sep="\\n")
 elif spec.origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
-    print("official")
+    print("official", "", sep="\\n")
 else:
     import detectron2._C as c
     print(getattr(c, "FCOS_D2_PATCH_FINGERPRINT", "foreign"))
+    print(getattr(c, "FCOS_D2_INSTALLED_FROM", ""))
 """
 
 
-def installed_state() -> str:
+def probe_install() -> tuple[str, str]:
+    """(what detectron2._C is, recorded origin) in this environment; see STATE_PROBE."""
+    probe = subprocess.run([sys.executable, "-c", STATE_PROBE], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return "missing", ""
+    answer, _, origin = probe.stdout.partition("\n")
+    return answer, origin.strip()
+
+
+def installed_state(fingerprint: str | None = None) -> str:
     """Describe this environment's detectron2: missing, official, current or stale.
 
-    "official" has a compiled ``_C``; "current" was installed by this script with today's patch
-    set; "stale" is anything else that imports (an older patch set, someone else's stand-in).
+    "official" has a compiled ``_C``; "current" was installed by this script with ``fingerprint``
+    (default: the sdist route's); "stale" is anything else that imports (another route, tree or
+    patch set, someone else's stand-in).
     """
-    probe = subprocess.run([sys.executable, "-c", STATE_PROBE], capture_output=True, text=True)
-    answer = probe.stdout.strip() if probe.returncode == 0 else "missing"
+    answer, _ = probe_install()
+    return _state(answer, fingerprint or patch_fingerprint())
+
+
+def _state(answer: str, fingerprint: str) -> str:
+    """installed_state's verdict on a STATE_PROBE answer, for the expected ``fingerprint``."""
     if answer in ("missing", "official"):
         return answer
-    return "current" if answer == patch_fingerprint() else "stale"
+    return "current" if answer == fingerprint else "stale"
+
+
+def installed_state_for_its_origin() -> str:
+    """installed_state() against the fingerprint that the recorded origin should give.
+
+    For an environment installed by either route, whichever it was: the test suite runs in both.
+    """
+    answer, origin = probe_install()
+    if answer in ("missing", "official") or origin in ("", SDIST_FILE):
+        return _state(answer, patch_fingerprint())
+    return _state(answer, source_fingerprint(Path(origin)))
 
 
 def sha256_of(path: Path) -> str:
-    """Hash a file in chunks (the sdist is small, but this keeps memory flat for any file)."""
+    """Hash a file in chunks, so memory stays flat for any file."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -318,8 +490,18 @@ def remove_other_installs() -> None:
         run([sys.executable, "-m", "pip", "uninstall", "--yes", *owners])
 
 
-def install(cache_dir: Path) -> None:
-    """Download, patch and pip-install detectron2 unless a usable copy is already installed."""
+def pip_install_tree(root: Path, fingerprint: str) -> None:
+    """Replace any other detectron2 by the prepared tree at ``root`` and check the result."""
+    remove_other_installs()
+    run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", str(root)])
+    state = installed_state(fingerprint)
+    if state != "current":
+        raise InstallError(f"after installing, detectron2 is {state} instead of current")
+    log("detectron2 installed")
+
+
+def install_sdist(cache_dir: Path) -> None:
+    """Download, patch and pip-install detectron2 0.6 unless a usable copy is already installed."""
     state = installed_state()
     if state in ("official", "current"):
         log(f"detectron2 already installed ({state} build): nothing to do")
@@ -330,34 +512,53 @@ def install(cache_dir: Path) -> None:
         with tarfile.open(sdist) as archive:
             archive.extractall(build_dir, filter="data")
         root = Path(build_dir) / f"{SDIST_NAME}-{SDIST_VERSION}"
-        log(f"applying {len(PATCHES)} asserted patches")
-        apply_patches(root, PATCHES)
-        leftovers = find_removed_numpy_aliases(root)
-        if leftovers:
-            raise InstallError("removed numpy aliases left unpatched: " + ", ".join(leftovers))
-        c_module = C_MODULE_TEMPLATE.format(fingerprint=patch_fingerprint())
-        write_atomically(root / "detectron2" / "_C.py", c_module)
-        remove_other_installs()
-        pip_install = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps"]
-        run([*pip_install, str(root)])
-    state = installed_state()
-    if state != "current":
-        raise InstallError(f"after installing, detectron2 is {state} instead of current")
-    log("detectron2 installed")
+        finish_tree(root, SDIST_PATCHES, patch_fingerprint(), SDIST_FILE)
+        pip_install_tree(root, patch_fingerprint())
+
+
+def install_source(source: Path, work_dir: Path | None) -> None:
+    """Copy, patch and pip-install the checkout at ``source`` unless that is already installed."""
+    fingerprint = source_fingerprint(source)
+    state = installed_state(fingerprint)
+    if state in ("official", "current"):
+        log(f"detectron2 already installed ({state} build): nothing to do")
+        return
+    log(f"detectron2 is {state}: installing it from a patched copy of {source}")
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="detectron2-source-", dir=work_dir) as build_dir:
+        root = Path(build_dir) / "detectron2"
+        pip_install_tree(root, prepare_source_tree(source, root))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; prints one error line and returns 1 on failure."""
+    """Command-line entry point; prints one error line, returns 2 for a bad --source, else 1."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--cache-dir",
         type=Path,
-        required=True,
-        help="where the downloaded sdist is kept between runs (git-ignored)",
+        help="where the downloaded sdist is kept between runs (git-ignored); required without "
+        "--source, with it the parent folder of the temporary patched copy",
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        metavar="DIR",
+        help="install from this detectron2 checkout (e.g. a git clone of main) instead of the "
+        "0.6 sdist; DIR is copied, never modified",
     )
     args = parser.parse_args(argv)
+    if args.source is None and args.cache_dir is None:
+        parser.error("--cache-dir is required without --source")
+    cache_dir = args.cache_dir.resolve() if args.cache_dir is not None else None
     try:
-        install(args.cache_dir.resolve())
+        if args.source is not None:
+            install_source(args.source.resolve(), cache_dir)
+        else:
+            install_sdist(cache_dir)
+    except UnknownTreeError as error:
+        print(f"{LOG_PREFIX} error: {error}", file=sys.stderr)
+        return 2
     except InstallError as error:
         print(f"{LOG_PREFIX} error: {error}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,20 +30,35 @@ class FiniteLossMixin:
 
     iter: int
 
-    def _write_metrics(self, loss_dict: Mapping[str, torch.Tensor], data_time: float, prefix: str = "") -> None:
+    def _write_metrics(
+        self,
+        loss_dict: Mapping[str, torch.Tensor],
+        data_time: float,
+        prefix: str = "",
+        iter: Optional[int] = None,  # noqa: A002 - detectron2 main's keyword name
+    ) -> None:
+        """Stop on a non-finite loss, then write the metrics as detectron2 does.
+
+        ``iter`` is passed by detectron2 main (its asynchronous metric writer runs after
+        ``self.iter`` moved on) and forwarded only when given: 0.6's method has no such argument.
+        """
+        step = self.iter if iter is None else iter
         bad = {k: float(v.detach()) for k, v in loss_dict.items() if not torch.isfinite(v).all()}
-        device = next(iter(loss_dict.values())).device
+        device = next(loss.device for loss in loss_dict.values())
         flag = torch.tensor([1.0 if bad else 0.0], device=device)
         if comm.get_world_size() > 1:
             dist.all_reduce(flag)
         if flag.item() > 0:
             where = f"in this process: {bad}" if bad else "in another process"
             raise NonFiniteLossError(
-                f"Loss became NaN or Inf at iteration {self.iter} ({where}); training stopped before the "
+                f"Loss became NaN or Inf at iteration {step} ({where}); training stopped before the "
                 "optimizer step, so the last checkpoint is intact. Lower SOLVER.BASE_LR, enable "
                 "SOLVER.CLIP_GRADIENTS, or check the data (dataset/check.py)"
             )
-        super()._write_metrics(loss_dict, data_time, prefix)  # type: ignore[misc]
+        if iter is None:
+            super()._write_metrics(loss_dict, data_time, prefix)  # type: ignore[misc]
+        else:
+            super()._write_metrics(loss_dict, data_time, prefix, iter=iter)  # type: ignore[misc]
 
 
 class FiniteLossTrainer(FiniteLossMixin, SimpleTrainer):

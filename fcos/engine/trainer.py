@@ -121,7 +121,13 @@ class FCOSTrainer(DefaultTrainer):
         return ret
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+        """Restore what ``state_dict`` saved; a state without ``_trainer`` (from detectron2 0.6 or the
+        seed) resumes with a fresh optimizer.
+
+        TrainerBase's loader, not DefaultTrainer's: detectron2 main's reads ``_trainer``
+        unconditionally, 0.6 has none.
+        """
+        TrainerBase.load_state_dict(self, state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:
