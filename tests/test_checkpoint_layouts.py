@@ -164,15 +164,18 @@ def test_official_file_through_checkpointer_logs_complete_table(
 
 
 def _official_dfconv2d(x: Tensor, official: Dict[str, Tensor], prefix: str) -> Tensor:
-    """The official modulated DFConv2d: 27-channel offset conv, 18 offsets, mask = sigmoid(9 logits)."""
-    offset_mask = F.conv2d(x, official[f"{prefix}.offset.weight"], official[f"{prefix}.offset.bias"], padding=1)
-    return deform_conv2d(x, offset_mask[:, :18], official[f"{prefix}.conv.weight"], official[f"{prefix}.conv.bias"],
-                         padding=(1, 1), mask=offset_mask[:, 18:].sigmoid())
+    """The official modulated DFConv2d: a 27-channel offset conv, 18 offsets, mask = sigmoid(9)."""
+    weight, bias = official[f"{prefix}.conv.weight"], official[f"{prefix}.conv.bias"]
+    offset_mask = F.conv2d(
+        x, official[f"{prefix}.offset.weight"], official[f"{prefix}.offset.bias"], padding=1
+    )
+    mask = offset_mask[:, 18:].sigmoid()
+    return deform_conv2d(x, offset_mask[:, :18], weight, bias, padding=(1, 1), mask=mask)
 
 
 def test_official_dcn_tower_maps_onto_the_deformable_tower(tmp_path: Path) -> None:
-    """USE_DCN_IN_TOWER: DFConv2d's ``.conv.*`` and ``.offset.*`` keys load into our deformable conv,
-    which then computes the official function."""
+    """USE_DCN_IN_TOWER: DFConv2d's ``.conv.*`` and ``.offset.*`` keys load into our deformable
+    conv, which then computes the official function."""
     official = {k[len("module.") :]: v for k, v in official_r50_fpn_state_dict().items()}
     g = torch.Generator().manual_seed(5)
     for tower in ("cls_tower", "bbox_tower"):
@@ -194,7 +197,8 @@ def test_official_dcn_tower_maps_onto_the_deformable_tower(tmp_path: Path) -> No
     assert torch.equal(state["head.bbox_subnet.9.offset.weight"], official_offset)
     assert torch.equal(state["head.cls_subnet.9.bias"], official["rpn.head.cls_tower.9.conv.bias"])
     # Our mask is 2 * sigmoid, the official one sigmoid: the deformable weight is halved.
-    assert torch.equal(state["head.cls_subnet.9.weight"], official["rpn.head.cls_tower.9.conv.weight"] * 0.5)
+    official_weight = official["rpn.head.cls_tower.9.conv.weight"]
+    assert torch.equal(state["head.cls_subnet.9.weight"], official_weight * 0.5)
     x = torch.randn(1, 256, 6, 5, generator=g)
     with torch.no_grad():
         ours = model.head.cls_subnet[9](x)

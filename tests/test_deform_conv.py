@@ -11,13 +11,13 @@ from fcos.deform_conv import ModulatedDeformConv2d
 from fcos.head import FCOSHead
 from detectron2.layers import ShapeSpec
 
-# Offset channels of the centre tap (index 4 of 3x3): dy at 2*4, dx at 2*4+1; its mask logit at 18+4.
+# Channels of the centre tap (index 4 of 3x3): dy at 2*4, dx at 2*4+1, mask logit at 18+4.
 CENTRE_DY, CENTRE_DX, CENTRE_MASK = 8, 9, 22
 IMAGE = torch.arange(1.0, 10.0).reshape(1, 1, 3, 3)  # [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
 
 
 def _centre_tap_conv() -> ModulatedDeformConv2d:
-    """1 -> 1 channel conv whose only non-zero weight is the centre tap (= 1): output = sample at p."""
+    """1 -> 1 channel conv, only the centre tap's weight non-zero (1): output = the sample at p."""
     conv = ModulatedDeformConv2d(1, 1, 3)
     with torch.no_grad():
         conv.weight.zero_()
@@ -25,7 +25,9 @@ def _centre_tap_conv() -> ModulatedDeformConv2d:
     return conv
 
 
-def _with_offset_bias(conv: ModulatedDeformConv2d, channel: int, value: float) -> ModulatedDeformConv2d:
+def _with_offset_bias(
+    conv: ModulatedDeformConv2d, channel: int, value: float
+) -> ModulatedDeformConv2d:
     """Constant offset/mask logit on one channel (the offset conv's weights stay 0)."""
     with torch.no_grad():
         conv.offset.bias[channel] = value
@@ -40,7 +42,8 @@ def test_starts_as_the_plain_conv_with_unit_masks() -> None:
     x = torch.randn(2, 4, 7, 5)
     offset, mask = conv.offsets_and_mask(x)
     assert offset.shape == (2, 18, 7, 5) and mask.shape == (2, 9, 7, 5)
-    assert torch.equal(offset, torch.zeros_like(offset)) and torch.equal(mask, torch.ones_like(mask))
+    assert torch.equal(offset, torch.zeros_like(offset))
+    assert torch.equal(mask, torch.ones_like(mask))
     plain = F.conv2d(x, conv.weight, conv.bias, padding=1)
     assert torch.allclose(conv(x), plain, atol=1e-6)
 
@@ -59,8 +62,9 @@ def test_half_pixel_offset_interpolates_bilinearly() -> None:
     expected = torch.tensor([[1.5, 2.5, 1.5], [4.5, 5.5, 3.0], [7.5, 8.5, 4.5]])
     assert torch.allclose(out[0, 0], expected, atol=1e-6)
     # A quarter pixel down and half right: bilinear weights 0.75/0.25 rows x 0.5/0.5 columns.
-    out = _with_offset_bias(_with_offset_bias(_centre_tap_conv(), CENTRE_DX, 0.5), CENTRE_DY, 0.25)(IMAGE)
-    assert out[0, 0, 0, 0].item() == pytest.approx(0.75 * (1 + 2) / 2 + 0.25 * (4 + 5) / 2, rel=1e-6)
+    conv = _with_offset_bias(_with_offset_bias(_centre_tap_conv(), CENTRE_DX, 0.5), CENTRE_DY, 0.25)
+    expected = 0.75 * (1 + 2) / 2 + 0.25 * (4 + 5) / 2
+    assert conv(IMAGE)[0, 0, 0, 0].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_mask_modulates_each_tap() -> None:
@@ -77,7 +81,7 @@ def test_every_tap_shifts_like_a_shifted_input() -> None:
         conv.bias.normal_()
         conv.offset.bias[0:18:2] = 1.0
     x = torch.randn(1, 2, 5, 6)
-    # Pad one row on top/bottom less/more: output row i sees input rows i, i+1, i+2 (zero outside).
+    # No zero row on top, two below: output row i sees input rows i, i+1, i+2 (zero outside).
     moved_up = F.conv2d(F.pad(x, (1, 1, 0, 2)), conv.weight, conv.bias)
     assert torch.allclose(conv(x), moved_up, atol=1e-5)
 
@@ -106,17 +110,19 @@ def test_channels_last_input_gives_the_same_result() -> None:
 
 def _head(use_dcn: bool) -> FCOSHead:
     torch.manual_seed(0)
-    return FCOSHead([ShapeSpec(channels=32, stride=8)] * 2, num_classes=3, num_convs=2, prior_prob=0.01,
-                    fpn_strides=[8, 16], norm="GN", centerness_on_reg=True, norm_reg_targets=True,
-                    use_dcn_in_tower=use_dcn)
+    return FCOSHead(
+        [ShapeSpec(channels=32, stride=8)] * 2, num_classes=3, num_convs=2, prior_prob=0.01,
+        fpn_strides=[8, 16], norm="GN", centerness_on_reg=True, norm_reg_targets=True,
+        use_dcn_in_tower=use_dcn,
+    )
 
 
 def test_head_keys_and_initial_outputs_match_the_plain_head() -> None:
     plain, deformable = _head(False), _head(True)
     plain_keys, dcn_keys = set(plain.state_dict()), set(deformable.state_dict())
-    # The deformable conv keeps the plain conv's keys (index 3 = last of 2 convs) and adds its offset conv.
-    assert dcn_keys - plain_keys == {f"{t}.3.offset.{p}" for t in ("cls_subnet", "bbox_subnet")
-                                     for p in ("weight", "bias")}
+    # The deformable conv (index 3, the last of 2) keeps the plain conv's keys, adds its offset.
+    towers, params = ("cls_subnet", "bbox_subnet"), ("weight", "bias")
+    assert dcn_keys - plain_keys == {f"{t}.3.offset.{p}" for t in towers for p in params}
     assert plain_keys <= dcn_keys
     assert isinstance(deformable.cls_subnet[3], ModulatedDeformConv2d)
     assert not isinstance(deformable.cls_subnet[0], ModulatedDeformConv2d)

@@ -179,14 +179,15 @@ def test_failed_check_leaves_no_files(setup, tmp_path, monkeypatch):
 
 
 def _deformable_model():
-    """The tiny config with USE_DCN_IN_TOWER and non-zero offsets/masks (a really deformed sampling)."""
+    """The tiny config with USE_DCN_IN_TOWER and non-zero offsets and masks (really deformed)."""
     cfg = tiny_cfg("MODEL.FCOS.USE_DCN_IN_TOWER", "True")
     model = random_fcos(cfg)
     generator = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for tower in (model.head.cls_subnet, model.head.bbox_subnet):
             offset_conv = tower[3].offset
-            offset_conv.weight.copy_(torch.randn(offset_conv.weight.shape, generator=generator) * 0.05)
+            weight = torch.randn(offset_conv.weight.shape, generator=generator)
+            offset_conv.weight.copy_(weight * 0.05)
             offset_conv.bias.copy_(torch.randn(offset_conv.bias.shape, generator=generator))
     return cfg, model
 
@@ -209,12 +210,14 @@ def test_deformable_tower_exports(tmp_path, fmt, opset):
 
 def test_deformable_tower_onnx_below_opset_19_names_the_switch(tmp_path, capsys):
     cfg, model = _deformable_model()
-    with pytest.raises(fcos_export.ExportSettingsError, match=r"MODEL\.FCOS\.USE_DCN_IN_TOWER.*--opset 19"):
+    message = r"MODEL\.FCOS\.USE_DCN_IN_TOWER.*--opset 19"
+    with pytest.raises(fcos_export.ExportSettingsError, match=message):
         export_model(cfg, model, "onnx", tmp_path / "dcn.onnx")
     weights = save_weights(model, tmp_path / "weights" / "dcn.pth")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        main(["--config-file", "configs/fcos_shapes.yaml", "--format", "onnx", "--output", str(out / "m.onnx"),
+        main(["--config-file", "configs/fcos_shapes.yaml", "--format", "onnx",
+              "--output", str(out / "m.onnx"),
               "--opts", "MODEL.FCOS.USE_DCN_IN_TOWER", "True", "MODEL.WEIGHTS", str(weights)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err

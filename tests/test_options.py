@@ -1,7 +1,8 @@
 """The options beyond the reference models (docs/MODEL.md) on tiny CPU inputs: BOX_QUALITY "iou",
-USE_DCN_IN_TOWER and a P2 level. Each trains (every parameter gets a gradient, as DDP needs), takes an
-SGD step that lowers the loss, and evaluates; the P2 backbone and its validation are checked; a slow
-test runs train_net.py with all three on the tiny embedded dataset through to the AP table."""
+USE_DCN_IN_TOWER and a P2 level. Each trains (every parameter gets a gradient, as DDP needs),
+takes an SGD step that lowers the loss, and evaluates; the P2 backbone and its validation are
+checked; a slow test runs train_net.py with all three on the tiny embedded dataset up to the AP
+table."""
 from __future__ import annotations
 
 import copy
@@ -31,7 +32,7 @@ OPTIONS: Dict[str, dict] = {
 
 
 def options_cfg(**fcos_overrides):
-    """small_cfg (ResNet-18, 32-channel FPN) with the FPN fed from res2 when a P2 level is asked for."""
+    """small_cfg (ResNet-18, 32-channel FPN), the FPN fed from res2 when a P2 level is asked for."""
     cfg = small_cfg(SCORE_THRESH_TEST=0.0, **fcos_overrides)
     if "p2" in cfg.MODEL.FCOS.IN_FEATURES:
         cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4"]
@@ -74,12 +75,12 @@ def test_iou_quality_keeps_the_checkpoint_keys() -> None:
 
 
 def test_iou_quality_scores_with_the_quality_branch() -> None:
-    """At test time sigmoid(quality) takes centerness's place: score = sqrt(prob * sigmoid(quality))."""
+    """At test time sigmoid(quality) takes centerness's place: sqrt(prob * sigmoid(quality))."""
     torch.manual_seed(0)
     model = build_model(options_cfg(**OPTIONS["iou_quality"])).eval()
     head = model.head
     with torch.no_grad():
-        # Constant maps: every class probability 0.25 (logit -log 3), every quality 0.75 (logit log 3).
+        # Constant maps: class probability 0.25 (logit -log 3), quality 0.75 (logit log 3).
         for conv, bias in ((head.cls_score, -math.log(3.0)), (head.centerness, math.log(3.0))):
             torch.nn.init.zeros_(conv.weight)
             torch.nn.init.constant_(conv.bias, bias)
@@ -122,7 +123,9 @@ P2_MISTAKES = [
 ]
 
 
-@pytest.mark.parametrize("overrides,with_res2,message", P2_MISTAKES, ids=[m for _, _, m in P2_MISTAKES])
+@pytest.mark.parametrize(
+    "overrides,with_res2,message", P2_MISTAKES, ids=[m for _, _, m in P2_MISTAKES]
+)
 def test_p2_mistakes_are_clear_errors(overrides: dict, with_res2: bool, message: str) -> None:
     cfg = small_cfg(**copy.deepcopy(overrides))
     if with_res2:
@@ -153,4 +156,5 @@ def test_all_options_train_and_evaluate_with_train_net(tmp_path: Path) -> None:
     metrics = (out / "metrics.json").read_text()
     assert '"loss_quality"' in metrics and '"loss_centerness"' not in metrics
     weights = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
-    assert "head.cls_subnet.0.offset.weight" in weights and "backbone.fpn_lateral2.weight" in weights
+    assert "head.cls_subnet.0.offset.weight" in weights
+    assert "backbone.fpn_lateral2.weight" in weights

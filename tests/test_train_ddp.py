@@ -96,7 +96,8 @@ def test_plain_bn_head_differs_across_processes(two_process_losses, one_process_
 
 
 OPTIONS_OPTS = [
-    "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4']", "MODEL.FPN.IN_FEATURES", "['res2', 'res3', 'res4']",
+    "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4']",
+    "MODEL.FPN.IN_FEATURES", "['res2', 'res3', 'res4']",
     "MODEL.FCOS.IN_FEATURES", "['p2', 'p3', 'p4']", "MODEL.FCOS.FPN_STRIDES", "[4, 8, 16]",
     "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST", "[[-1, 16], [16, 32], [32, 100000]]",
     "MODEL.FCOS.BOX_QUALITY", "iou", "MODEL.FCOS.USE_DCN_IN_TOWER", "True",
@@ -104,15 +105,16 @@ OPTIONS_OPTS = [
 
 
 def _options_ddp_worker(result_file: str) -> None:
-    """IoU quality + deformable tower + P2 in DistributedDataParallel without find_unused_parameters:
-    DDP raises at the next iteration if a parameter went without a gradient. Rank 1's second batch has
-    no object at all (quality and box losses 0, yet connected to every parameter)."""
+    """IoU quality + deformable tower + P2 in DistributedDataParallel, find_unused_parameters off:
+    DDP raises at the next iteration if a parameter went without a gradient. Rank 1's second batch
+    has no object at all (quality and box losses 0, yet connected to every parameter)."""
     from torch.nn.parallel import DistributedDataParallel
 
     rank = comm.get_rank()
     cfg = get_fcos_cfg()
     cfg.merge_from_file(str(SHAPES_CONFIG))
-    cfg.merge_from_list(TINY_OPTS + OPTIONS_OPTS + ["MODEL.DEVICE", "cpu", "MODEL.FCOS.NUM_CLASSES", "3"])
+    cfg.merge_from_list(TINY_OPTS + OPTIONS_OPTS)
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.FCOS.NUM_CLASSES", "3"])
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()
@@ -141,6 +143,8 @@ def test_options_train_under_ddp_without_unused_parameters(tmp_path: Path) -> No
     ranks = json.loads(result_file.read_text())
     assert len(ranks) == 2
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9)
+    keys = {"loss_cls", "loss_box_reg", "loss_quality"}
     for rank in ranks:
-        assert [set(step) for step in rank["losses"]] == [{"loss_cls", "loss_box_reg", "loss_quality"}] * 3
-    assert ranks[1]["losses"][1]["loss_quality"] == 0.0 and ranks[0]["losses"][1]["loss_quality"] > 0
+        assert [set(step) for step in rank["losses"]] == [keys] * 3
+    assert ranks[1]["losses"][1]["loss_quality"] == 0.0
+    assert ranks[0]["losses"][1]["loss_quality"] > 0
