@@ -19,14 +19,12 @@ from fvcore.nn import giou_loss, sigmoid_focal_loss_jit
 from torch import Tensor
 
 EPS = torch.finfo(torch.float32).eps
+BOX_QUALITIES = ("ctrness", "iou")
 
 
 def ltrb_to_boxes(deltas: Tensor) -> Tensor:
     """(l, t, r, b) around a point -> (x0, y0, x1, y1) with the point at the origin."""
     return torch.cat((-deltas[:, :2], deltas[:, 2:]), dim=1)
-
-
-BOX_QUALITIES = ("ctrness", "iou")
 
 
 def ltrb_iou(pred: Tensor, target: Tensor) -> Tensor:
