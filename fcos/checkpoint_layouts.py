@@ -19,6 +19,7 @@ from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 from torch import Tensor
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from .deform_conv import OFFICIAL_WEIGHT_FACTOR
 from .safe_pickle import load_pickle, load_torch
 
 # detectron2's FrozenBatchNorm2d (and nn.BatchNorm2d) divide by sqrt(running_var + eps) with this eps.
@@ -139,6 +140,22 @@ _OFFICIAL_RENAMES: Tuple[Tuple[str, Callable[[re.Match], str]], ...] = (
     (r"^rpn\.head\.cls_logits\.", lambda m: "head.cls_score."),
     (r"^rpn\.head\.", lambda m: "head."),
 )
+# An official DCN tower conv (USE_DCN_IN_TOWER, DFConv2d) keeps its deformable conv in ``.conv``.
+_OFFICIAL_DCN_TOWER = re.compile(r"^(head\.(?:cls|bbox)_subnet\.\d+)\.conv\.(weight|bias)$")
+
+
+def _official_deformable_tower(key: str, value: Tensor) -> Tuple[str, Tensor]:
+    """DFConv2d ``.conv.weight``/``.conv.bias`` -> the tower conv's own keys (``fcos.deform_conv``).
+
+    The weight is scaled by ``OFFICIAL_WEIGHT_FACTOR`` because our modulation is 2 * sigmoid where
+    DFConv2d's is sigmoid; the ``.offset`` conv keeps its name and values.
+    """
+    match = _OFFICIAL_DCN_TOWER.match(key)
+    if match is None:
+        return key, value
+    if match.group(2) == "weight":
+        value = value * OFFICIAL_WEIGHT_FACTOR
+    return f"{match.group(1)}.{match.group(2)}", value
 
 
 def official_to_detectron2(weights: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], List[str]]:
@@ -166,6 +183,7 @@ def official_to_detectron2(weights: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor
                 new_key, count = re.subn(pattern, replacement, new_key)
                 if count:
                     break
+            new_key, value = _official_deformable_tower(new_key, value)
         converted[new_key] = value
     return converted, dropped
 

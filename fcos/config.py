@@ -16,10 +16,13 @@ from typing import Dict, Sequence
 from detectron2.config import CfgNode as CN
 from detectron2.layers import ShapeSpec
 
+from .losses import BOX_QUALITIES
+
 HEAD_NORMS = ("GN", "BN", "SyncBN", "")
 IOU_LOSS_TYPES = ("iou", "linear_iou", "giou")
 TOP_BLOCK_IN_FEATURES = ("res5", "p5")
 POSTPROCESS_STYLES = ("seed", "official")
+_P2_HINT = "; P2 needs res2 in MODEL.RESNETS.OUT_FEATURES and MODEL.FPN.IN_FEATURES"
 
 
 class FCOSConfigError(ValueError):
@@ -76,6 +79,11 @@ def add_fcos_config(cfg: CN) -> None:
         "CHECKPOINT.ALLOW_UNSAFE_PICKLE",
         message="a checkpoint-loading policy, not a model parameter",
     )
+    # Options beyond the reference models (docs/MODEL.md); the defaults build the reference model.
+    # Quality branch target: "ctrness" (FCOS) or "iou" (AdelaiDet: IoU of the predicted box).
+    _C.MODEL.FCOS.BOX_QUALITY = "ctrness"
+    # Official FCOS key: the last conv of each tower is a modulated deformable conv (DCNv2).
+    _C.MODEL.FCOS.USE_DCN_IN_TOWER = False
 
 
 def _fail(key: str, message: str) -> FCOSConfigError:
@@ -98,7 +106,7 @@ def validate_fcos_config(cfg: CN, backbone_shapes: Dict[str, ShapeSpec]) -> None
         raise _fail(
             "IN_FEATURES",
             f"{missing} not produced by the backbone {cfg.MODEL.BACKBONE.NAME} "
-            f"(it produces {sorted(backbone_shapes)})",
+            f"(it produces {sorted(backbone_shapes)})" + (_P2_HINT if "p2" in missing else ""),
         )
     strides = [backbone_shapes[f].stride for f in in_features]
     if list(fc.FPN_STRIDES) != strides:
@@ -118,6 +126,7 @@ def validate_fcos_config(cfg: CN, backbone_shapes: Dict[str, ShapeSpec]) -> None
     for i, row in enumerate(sizes):
         if len(row) != 2 or not (row[0] < row[1]):
             raise _fail("OBJECT_SIZES_OF_INTEREST", f"row {i} = {list(row)} must be [lo, hi] with lo < hi")
+    _check_sizes_follow_strides(sizes, strides, in_features)
     if fc.HEAD_NORM not in HEAD_NORMS:
         raise _fail("HEAD_NORM", f"unknown norm {fc.HEAD_NORM!r}; choose one of {list(HEAD_NORMS)}")
     if fc.IOU_LOSS_TYPE not in IOU_LOSS_TYPES:
@@ -151,3 +160,27 @@ def validate_fcos_config(cfg: CN, backbone_shapes: Dict[str, ShapeSpec]) -> None
         raise _fail("BBOX_REG_WEIGHTS", f"{weights} must be four positive numbers")
     if fc.ASSIGNMENT_CHUNK_ELEMENTS < 1:
         raise _fail("ASSIGNMENT_CHUNK_ELEMENTS", f"{fc.ASSIGNMENT_CHUNK_ELEMENTS} must be >= 1")
+    if fc.BOX_QUALITY not in BOX_QUALITIES:
+        raise _fail(
+            "BOX_QUALITY",
+            f"unknown quality {fc.BOX_QUALITY!r}; choose one of {list(BOX_QUALITIES)}",
+        )
+    if fc.USE_DCN_IN_TOWER and fc.NUM_CONVS < 1:
+        raise _fail("USE_DCN_IN_TOWER", "makes the last tower conv deformable, but NUM_CONVS is 0")
+
+
+def _check_sizes_follow_strides(
+    sizes: Sequence[Sequence[float]], strides: Sequence[int], in_features: Sequence[str]
+) -> None:
+    """A finer level must take smaller objects: catches a row added at the wrong end (e.g. P2's)."""
+    for i in range(len(strides) - 1):
+        fine, coarse = (i, i + 1) if strides[i] < strides[i + 1] else (i + 1, i)
+        if sizes[fine][0] > sizes[coarse][0] or sizes[fine][1] > sizes[coarse][1]:
+            raise _fail(
+                "OBJECT_SIZES_OF_INTEREST",
+                f"row {fine} {list(sizes[fine])} ({in_features[fine]}, stride {strides[fine]}) "
+                f"takes larger objects than row {coarse} {list(sizes[coarse])} "
+                f"({in_features[coarse]}, stride {strides[coarse]}); "
+                "one row per IN_FEATURES level in the same order, "
+                "the smallest objects on the finest level",
+            )

@@ -3,6 +3,8 @@
 Module names are part of the checkpoint contract (docs/MODEL.md, "Network"): ``cls_subnet`` and
 ``bbox_subnet`` are single ``nn.Sequential``s of [conv, norm, ReLU] so that convs sit at indices
 0, 3, 6, 9 as in the seed, cvpods and (after renaming) official FCOS checkpoints.
+With ``USE_DCN_IN_TOWER`` the last conv of each tower is a ``ModulatedDeformConv2d`` whose
+``weight``/``bias`` keep the plain conv's keys.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec, get_norm
 from torch import Tensor, nn
+
+from .deform_conv import ModulatedDeformConv2d
 
 
 class Scale(nn.Module):
@@ -39,10 +43,15 @@ def _norm_layer(norm: str, channels: int) -> nn.Module:
     return get_norm(_GET_NORM_NAMES[norm], channels) or nn.Identity()
 
 
-def _tower(num_convs: int, channels: int, norm: str) -> nn.Sequential:
+def _tower(num_convs: int, channels: int, norm: str, deformable_last: bool) -> nn.Sequential:
+    """[conv, norm, ReLU] x num_convs; the last conv deformable if asked (USE_DCN_IN_TOWER)."""
     layers: List[nn.Module] = []
-    for _ in range(num_convs):
-        layers += [nn.Conv2d(channels, channels, 3, 1, 1), _norm_layer(norm, channels), nn.ReLU()]
+    for i in range(num_convs):
+        if deformable_last and i == num_convs - 1:
+            conv: nn.Module = ModulatedDeformConv2d(channels, channels, 3)
+        else:
+            conv = nn.Conv2d(channels, channels, 3, 1, 1)
+        layers += [conv, _norm_layer(norm, channels), nn.ReLU()]
     return nn.Sequential(*layers)
 
 
@@ -60,6 +69,7 @@ class FCOSHead(nn.Module):
         norm: str,
         centerness_on_reg: bool,
         norm_reg_targets: bool,
+        use_dcn_in_tower: bool = False,
     ) -> None:
         super().__init__()
         channels = input_shape[0].channels
@@ -67,15 +77,15 @@ class FCOSHead(nn.Module):
         self.centerness_on_reg = centerness_on_reg
         self.norm_reg_targets = norm_reg_targets
 
-        self.cls_subnet = _tower(num_convs, channels, norm)
-        self.bbox_subnet = _tower(num_convs, channels, norm)
+        self.cls_subnet = _tower(num_convs, channels, norm, use_dcn_in_tower)
+        self.bbox_subnet = _tower(num_convs, channels, norm, use_dcn_in_tower)
         self.cls_score = nn.Conv2d(channels, num_classes, 3, 1, 1)
         self.bbox_pred = nn.Conv2d(channels, 4, 3, 1, 1)
         self.centerness = nn.Conv2d(channels, 1, 3, 1, 1)
         self.scales = nn.ModuleList([Scale(1.0) for _ in self.fpn_strides])
 
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):
+            if isinstance(module, (nn.Conv2d, ModulatedDeformConv2d)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.01)
                 nn.init.constant_(module.bias, 0.0)
             elif isinstance(module, (nn.GroupNorm, nn.BatchNorm2d)):
@@ -83,6 +93,10 @@ class FCOSHead(nn.Module):
                 nn.init.constant_(module.bias, 0.0)
         # Start every class near probability PRIOR_PROB so the focal loss is stable at iteration 0.
         nn.init.constant_(self.cls_score.bias, -math.log((1.0 - prior_prob) / prior_prob))
+        # The loop above also drew the offset convs: deformable convs start as the plain conv.
+        for module in self.modules():
+            if isinstance(module, ModulatedDeformConv2d):
+                module.reset_offset()
 
     def forward(self, features: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
         logits, box_reg, centerness = [], [], []

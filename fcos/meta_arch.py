@@ -58,6 +58,7 @@ class FCOS(DenseDetector):
         fast_cpu_inference: bool,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
+        box_quality: str = "ctrness",
     ) -> None:
         super().__init__(backbone, head, list(head_in_features), pixel_mean=pixel_mean, pixel_std=pixel_std)
         self.fast_cpu_inference = fast_cpu_inference
@@ -78,6 +79,8 @@ class FCOS(DenseDetector):
         self.postprocess = postprocess
         self.nms_thresh_test = nms_thresh_test
         self.max_detections_per_image = max_detections_per_image
+        # Only training differs: at test time the branch's output (centerness or IoU) scores alike.
+        self.box_quality = box_quality
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict:
@@ -94,6 +97,7 @@ class FCOS(DenseDetector):
             norm=fc.HEAD_NORM,
             centerness_on_reg=fc.CENTERNESS_ON_REG,
             norm_reg_targets=fc.NORM_REG_TARGETS,
+            use_dcn_in_tower=fc.USE_DCN_IN_TOWER,
         )
         assigner = FCOSTargetAssigner(
             num_classes=fc.NUM_CLASSES,
@@ -124,6 +128,7 @@ class FCOS(DenseDetector):
             "fast_cpu_inference": fc.FAST_CPU_INFERENCE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "box_quality": fc.BOX_QUALITY,
         }
 
     def preprocess_image(self, batched_inputs: List[Dict[str, Tensor]]) -> ImageList:
@@ -167,6 +172,8 @@ class FCOS(DenseDetector):
             focal_gamma=self.focal_loss_gamma,
             iou_loss_type=self.iou_loss_type,
             norm_sync=self.norm_sync,
+            box_quality=self.box_quality,
+            box_reg_weights=self.box_reg_weights,
         )
 
     def candidates(

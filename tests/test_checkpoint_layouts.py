@@ -20,7 +20,9 @@ import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import deform_conv2d
 
 from fcos import add_fcos_config
 from fcos.checkpoint import CheckpointMismatchError, FCOSCheckpointer
@@ -158,6 +160,48 @@ def test_official_file_through_checkpointer_logs_complete_table(
     assert rows["backbone.fpn_lateral"] == [6, 0, 0, 0]
     assert rows["head.scales"] == [5, 0, 0, 0]
     assert "official FCOS" in caplog.text
+
+
+def _official_dfconv2d(x: Tensor, official: Dict[str, Tensor], prefix: str) -> Tensor:
+    """The official modulated DFConv2d: a 27-channel offset conv, 18 offsets, mask = sigmoid(9)."""
+    weight, bias = official[f"{prefix}.conv.weight"], official[f"{prefix}.conv.bias"]
+    offset_mask = F.conv2d(
+        x, official[f"{prefix}.offset.weight"], official[f"{prefix}.offset.bias"], padding=1
+    )
+    mask = offset_mask[:, 18:].sigmoid()
+    return deform_conv2d(x, offset_mask[:, :18], weight, bias, padding=(1, 1), mask=mask)
+
+
+def test_official_dcn_tower_maps_onto_the_deformable_tower(tmp_path: Path) -> None:
+    """USE_DCN_IN_TOWER: DFConv2d's ``.conv.*`` and ``.offset.*`` keys load into our deformable
+    conv, which then computes the official function."""
+    official = {k[len("module.") :]: v for k, v in official_r50_fpn_state_dict().items()}
+    g = torch.Generator().manual_seed(5)
+    for tower in ("cls_tower", "bbox_tower"):
+        prefix = f"rpn.head.{tower}.9"
+        official[f"{prefix}.conv.weight"] = official.pop(f"{prefix}.weight")
+        official[f"{prefix}.conv.bias"] = official.pop(f"{prefix}.bias")
+        official[f"{prefix}.offset.weight"] = 0.02 * torch.randn(27, 256, 3, 3, generator=g)
+        official[f"{prefix}.offset.bias"] = 0.5 * torch.randn(27, generator=g)
+    path = tmp_path / "FCOS_imprv_dcnv2_tower.pth"
+    torch.save({"model": official}, path)
+
+    cfg = _cfg(OFFICIAL_CONFIG)
+    cfg.MODEL.FCOS.USE_DCN_IN_TOWER = True
+    model = _build(cfg)
+    converted = read_checkpoint(str(path))
+    model.load_state_dict(converted.state_dict, strict=True)
+    state = model.state_dict()
+    official_offset = official["rpn.head.bbox_tower.9.offset.weight"]
+    assert torch.equal(state["head.bbox_subnet.9.offset.weight"], official_offset)
+    assert torch.equal(state["head.cls_subnet.9.bias"], official["rpn.head.cls_tower.9.conv.bias"])
+    # Our mask is 2 * sigmoid, the official one sigmoid: the deformable weight is halved.
+    official_weight = official["rpn.head.cls_tower.9.conv.weight"]
+    assert torch.equal(state["head.cls_subnet.9.weight"], official_weight * 0.5)
+    x = torch.randn(1, 256, 6, 5, generator=g)
+    with torch.no_grad():
+        ours = model.head.cls_subnet[9](x)
+    assert torch.allclose(ours, _official_dfconv2d(x, official, "rpn.head.cls_tower.9"), atol=1e-5)
 
 
 def test_official_checkpoint_into_seed_flavour_names_the_switch(official_file: Path) -> None:

@@ -184,3 +184,50 @@ def test_failed_check_leaves_no_files(setup, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="differs from the eager model by up to 0.01"):
         export_model(cfg, predictor.model, "torchscript", tmp_path / "m.ts")
     assert list(tmp_path.iterdir()) == []
+
+
+def _deformable_model():
+    """The tiny config with USE_DCN_IN_TOWER and non-zero offsets and masks (really deformed)."""
+    cfg = tiny_cfg("MODEL.FCOS.USE_DCN_IN_TOWER", "True")
+    model = random_fcos(cfg)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for tower in (model.head.cls_subnet, model.head.bbox_subnet):
+            offset_conv = tower[3].offset
+            weight = torch.randn(offset_conv.weight.shape, generator=generator)
+            offset_conv.weight.copy_(weight * 0.05)
+            offset_conv.bias.copy_(torch.randn(offset_conv.bias.shape, generator=generator))
+    return cfg, model
+
+
+@pytest.mark.parametrize("fmt,opset", [("onnx", 19), ("torchscript", 17)])
+def test_deformable_tower_exports(tmp_path, fmt, opset):
+    cfg, model = _deformable_model()
+    path = tmp_path / f"dcn.{fmt}"
+    export_model(cfg, model, fmt, path, opset=opset)
+    if fmt == "onnx":
+        assert "DeformConv" in {node.op_type for node in onnx.load(str(path)).graph.node}
+    image = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(2)) * 255
+    with torch.no_grad():
+        expected = FCOSExportModule(model)(image)
+    actual = _run_exported(fmt, path, image.numpy())
+    for a, e in zip(actual, expected):
+        assert a.shape == tuple(e.shape)
+        assert np.allclose(a, e.numpy(), atol=1e-3, rtol=1e-4)
+
+
+def test_deformable_tower_onnx_below_opset_19_names_the_switch(tmp_path, capsys):
+    cfg, model = _deformable_model()
+    message = r"MODEL\.FCOS\.USE_DCN_IN_TOWER.*--opset 19"
+    with pytest.raises(fcos_export.ExportSettingsError, match=message):
+        export_model(cfg, model, "onnx", tmp_path / "dcn.onnx")
+    weights = save_weights(model, tmp_path / "weights" / "dcn.pth")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config-file", "configs/fcos_shapes.yaml", "--format", "onnx",
+              "--output", str(out / "m.onnx"),
+              "--opts", "MODEL.FCOS.USE_DCN_IN_TOWER", "True", "MODEL.WEIGHTS", str(weights)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "MODEL.FCOS.USE_DCN_IN_TOWER" in err and "--opset 19" in err
+    assert not out.exists()

@@ -93,3 +93,58 @@ def test_plain_bn_head_differs_across_processes(two_process_losses, one_process_
     # Per-process BN statistics of one image each differ from the statistics of both images.
     per_process_bn = two_process_losses["BN/True"]
     assert any(per_process_bn[k] != pytest.approx(v, rel=1e-3) for k, v in one_process_losses.items())
+
+
+OPTIONS_OPTS = [
+    "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4']",
+    "MODEL.FPN.IN_FEATURES", "['res2', 'res3', 'res4']",
+    "MODEL.FCOS.IN_FEATURES", "['p2', 'p3', 'p4']", "MODEL.FCOS.FPN_STRIDES", "[4, 8, 16]",
+    "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST", "[[-1, 16], [16, 32], [32, 100000]]",
+    "MODEL.FCOS.BOX_QUALITY", "iou", "MODEL.FCOS.USE_DCN_IN_TOWER", "True",
+]
+
+
+def _options_ddp_worker(result_file: str) -> None:
+    """IoU quality + deformable tower + P2 in DistributedDataParallel, find_unused_parameters off:
+    DDP raises at the next iteration if a parameter went without a gradient. Rank 1's second batch
+    has no object at all (quality and box losses 0, yet connected to every parameter)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank = comm.get_rank()
+    cfg = get_fcos_cfg()
+    cfg.merge_from_file(str(SHAPES_CONFIG))
+    cfg.merge_from_list(TINY_OPTS + OPTIONS_OPTS)
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.FCOS.NUM_CLASSES", "3"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    ddp = DistributedDataParallel(model, find_unused_parameters=False)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    inputs = _inputs()[rank : rank + 1]
+    empty = [{"image": inputs[0]["image"], "instances": instances((SIZE, SIZE), [], [])}]
+    losses = []
+    for step in range(3):
+        loss_dict = ddp(empty if (rank == 1 and step == 1) else inputs)
+        optimizer.zero_grad()
+        sum(loss_dict.values()).backward()
+        optimizer.step()
+        losses.append({k: float(v.detach()) for k, v in loss_dict.items()})
+    # Gradients were all-reduced, so every process took the same step: the weights are still equal.
+    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+    gathered = comm.all_gather({"losses": losses, "checksum": checksum})
+    if rank == 0:
+        Path(result_file).write_text(json.dumps(gathered))
+
+
+@pytest.mark.slow
+def test_options_train_under_ddp_without_unused_parameters(tmp_path: Path) -> None:
+    result_file = tmp_path / "options.json"
+    launch(_options_ddp_worker, 2, dist_url="auto", args=(str(result_file),), device="cpu")
+    ranks = json.loads(result_file.read_text())
+    assert len(ranks) == 2
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9)
+    keys = {"loss_cls", "loss_box_reg", "loss_quality"}
+    for rank in ranks:
+        assert [set(step) for step in rank["losses"]] == [keys] * 3
+    assert ranks[1]["losses"][1]["loss_quality"] == 0.0
+    assert ranks[0]["losses"][1]["loss_quality"] > 0

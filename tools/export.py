@@ -17,6 +17,10 @@ onnxruntime version runs; opset 17 is the default. That exporter needs no extra 
 ``dynamo`` exporter needs ``onnxscript``) and keeps height and width dynamic. Before the file is put in
 place, the export is run on an input of another size than the traced one and compared with the eager
 model; a mismatch leaves no file behind.
+
+With ``MODEL.FCOS.USE_DCN_IN_TOWER`` the deformable tower convs export as ONNX ``DeformConv``, which
+needs ``--opset 19`` or higher (a lower opset is refused with a message naming the switch);
+TorchScript keeps torchvision's ``deform_conv2d`` op (loading that file needs torchvision).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from torch import Tensor, nn
 
 from export_postprocess import METADATA_FORMAT, METADATA_VERSION, metadata_path
 from fcos import FCOS
+from fcos.deform_conv import ONNX_DEFORM_CONV_OPSET, ModulatedDeformConv2d, register_onnx_deform_conv
 from fcos.engine.config import SetupError
 from fcos.engine.defaults import build_inference_model, class_names, load_config
 from fcos.file_io import atomic_output, write_text_atomic
@@ -104,10 +109,26 @@ def example_input(size_divisibility: int, height: int, width: int) -> Tensor:
     return torch.rand((1, 3, height, width), generator=generator) * 255.0
 
 
+class ExportSettingsError(ValueError):
+    """A model/format/opset combination that cannot be exported; the message names the switch."""
+
+
+def check_exportable(model: nn.Module, fmt: str, opset: int) -> None:
+    """Refuse, before anything is traced, an ONNX opset that lacks an operator the model uses."""
+    deformable = any(isinstance(m, ModulatedDeformConv2d) for m in model.modules())
+    if fmt == "onnx" and deformable and opset < ONNX_DEFORM_CONV_OPSET:
+        raise ExportSettingsError(
+            f"MODEL.FCOS.USE_DCN_IN_TOWER: deformable convs export as ONNX DeformConv, which needs "
+            f"--opset {ONNX_DEFORM_CONV_OPSET} or higher (got {opset}); "
+            "or export with --format torchscript"
+        )
+
+
 def export_onnx(module: FCOSExportModule, example: Tensor, path: str, opset: int = DEFAULT_OPSET) -> None:
     """Trace ``module`` on ``example`` into an ONNX file with dynamic batch, height and width."""
     import onnx
 
+    register_onnx_deform_conv()
     names = module.output_names()
     dynamic = {"image": {0: "batch", 2: "height", 3: "width"}}
     dynamic.update({name: {0: "batch", 2: f"height_{name}", 3: f"width_{name}"} for name in names})
@@ -169,6 +190,7 @@ def export_model(
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format: {fmt!r}; choose one of {list(FORMATS)}")
+    check_exportable(model, fmt, opset)
     module = FCOSExportModule(model).eval()
     divisor = module.backbone.size_divisibility
     meta_file = metadata_path(output)
@@ -203,7 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu"], args.ann_file)
         model = build_inference_model(cfg)
         names = class_names(cfg, args.ann_file)
-    except (SetupError, OSError) as err:
+        check_exportable(model, args.format, args.opset)
+    except (SetupError, ExportSettingsError, OSError) as err:
         parser.exit(2, f"tools/export.py: error: {err}\n")
     meta_file = export_model(cfg, model, args.format, args.output, names, args.opset)
     print(f"wrote {args.output} and {meta_file}")
