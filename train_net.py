@@ -29,7 +29,7 @@ from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from fcos import FCOSCheckpointer, FCOSConfigError  # noqa: E402
-from fcos.checkpoint import CheckpointMismatchError, check_weights_file  # noqa: E402
+from fcos.checkpoint import CheckpointMismatchError, check_weights_file, scratch_advice  # noqa: E402
 from fcos.data.common import DatasetError  # noqa: E402
 from fcos.engine.config import SetupError, get_fcos_cfg  # noqa: E402
 from fcos.engine.datasets import (  # noqa: E402
@@ -108,11 +108,15 @@ def setup_config(args: argparse.Namespace, world_size: int) -> CfgNode:
 
 
 def _check_weights_exist(cfg: CfgNode, resume: bool) -> None:
-    """A missing local MODEL.WEIGHTS is an error now, unless --resume will use a checkpoint instead."""
+    """A missing local MODEL.WEIGHTS is an error now, unless --resume will use a checkpoint instead.
+
+    The message says how to train without weights: ``MODEL.WEIGHTS ""`` only for a config whose
+    backbone can learn from random weights, the from-scratch config otherwise.
+    """
     if resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
         return
     try:
-        check_weights_file(cfg.MODEL.WEIGHTS)
+        check_weights_file(cfg.MODEL.WEIGHTS, scratch_advice(cfg))
     except FileNotFoundError as err:
         raise SetupError(str(err)) from None
 

@@ -12,8 +12,9 @@ unreadable images, image sizes that disagree with the file (detectron2 stops on 
 negative size or entirely outside their image, unknown category or image ids, duplicate ids,
 ``ignore: 1`` (detectron2's loader rejects it). Warnings are what works but deserves a look: boxes that
 stick out of their image (detectron2 clips them), category ids that are not 1..K (detectron2 maps
-them), images without annotations (dropped from training unless
-``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` is off), annotations without ``area`` (COCO evaluation needs it).
+them), images without annotations (what happens to them depends on the config:
+``train_net.py`` passes its own ``empty_images_note``), annotations without ``area`` (COCO evaluation
+needs it).
 
 The default reads only image headers (size and EXIF orientation), which is fast; ``--full`` decodes
 every image and so also finds truncated files.
@@ -31,6 +32,10 @@ from typing import Any, Literal
 from .common import IMAGE_ERRORS, format_table, image_size, progress
 
 ReadImages = bool | Literal["header"]
+
+# What happens to images without annotations when no config is known (the command line).
+EMPTY_IMAGES_NOTE = ("detectron2 drops them from training when DATALOADER.FILTER_EMPTY_ANNOTATIONS is True "
+                     "(its default) and trains on them as images without objects when it is False")
 
 # Box coordinates may exceed the image by float rounding without being wrong.
 _OUTSIDE_TOLERANCE = 1e-3
@@ -84,17 +89,21 @@ class Report:
 
 
 def check_coco_dataset(
-    ann_file: str | Path, image_dir: str | Path, read_images: ReadImages = "header"
+    ann_file: str | Path,
+    image_dir: str | Path,
+    read_images: ReadImages = "header",
+    empty_images_note: str = EMPTY_IMAGES_NOTE,
 ) -> Report:
     """Check a COCO detection JSON and its images; never raises for bad input, reports it instead.
 
     ``read_images``: ``False`` only checks that image files exist, ``"header"`` (default, fast) also
-    reads each header for the size, ``True`` decodes every image completely.
+    reads each header for the size, ``True`` decodes every image completely. ``empty_images_note``
+    ends the warning about images without annotations: what the caller's config does with them.
     """
     report = Report(str(ann_file))
     data = _load_json(report)
     if data is not None:
-        _Checker(report, data, Path(image_dir), read_images).run()
+        _Checker(report, data, Path(image_dir), read_images, empty_images_note).run()
     report.summary["errors"] = len(report.errors)
     report.summary["warnings"] = len(report.warnings)
     return report
@@ -144,8 +153,10 @@ def _load_json(report: Report) -> dict[str, Any] | None:
 class _Checker:
     """Runs the per-record checks of one loaded COCO dict, appending to one report."""
 
-    def __init__(self, report: Report, data: dict[str, Any], image_dir: Path, read_images: ReadImages):
+    def __init__(self, report: Report, data: dict[str, Any], image_dir: Path, read_images: ReadImages,
+                 empty_images_note: str = EMPTY_IMAGES_NOTE):
         self.report = report
+        self.empty_images_note = empty_images_note
         self.data = data
         self.image_dir = image_dir
         self.read_images = read_images
@@ -167,8 +178,7 @@ class _Checker:
         if empty:
             examples = ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else "")
             self.report.warnings.append(f"{self.name}: {len(empty)} image(s) without annotations ({examples}); "
-                                        "detectron2 drops them from training unless "
-                                        "DATALOADER.FILTER_EMPTY_ANNOTATIONS is False")
+                                        f"{self.empty_images_note}")
         self.report.summary.update(images=len(self.data["images"]), images_without_annotations=len(empty))
         self._check_image_files()
 

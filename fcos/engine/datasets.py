@@ -66,17 +66,28 @@ def custom_datasets_from_args(
     return pairs[0], pairs[1]
 
 
-def check_custom_dataset(dataset: CustomDataset) -> None:
+def empty_images_note(split: str, filter_empty: bool) -> str:
+    """What this run does with a dataset's images without annotations, for the checker's warning."""
+    if split == "val":
+        return "they are evaluated as images without objects (every detection on them is a false positive)"
+    if filter_empty:
+        return ("they are dropped from training (DATALOADER.FILTER_EMPTY_ANNOTATIONS is True); "
+                "set it False to train on them as images without objects")
+    return "they train as images without objects (DATALOADER.FILTER_EMPTY_ANNOTATIONS is False)"
+
+
+def check_custom_dataset(dataset: CustomDataset, empty_note: str) -> None:
     """Run the dataset checker (image headers only: fast) and turn its errors into one exception.
 
     Catches non-COCO JSON, missing/unreadable images, unknown category ids and zero/negative boxes
-    before minutes of model building and training are spent.
+    before minutes of model building and training are spent. The checker's messages already name the
+    file; ``empty_note`` says what the run does with images without annotations.
     """
-    report = check_coco_dataset(dataset.ann_file, dataset.image_dir)
+    report = check_coco_dataset(dataset.ann_file, dataset.image_dir, empty_images_note=empty_note)
     if not report.ok:
         raise SetupError(f"dataset {dataset.name!r} is not usable:\n{report.format()}")
     for warning in report.warnings:
-        logger.warning(f"{dataset.ann_file}: {warning}")
+        logger.warning(warning)
 
 
 def register_custom_dataset(dataset: CustomDataset) -> None:
@@ -104,8 +115,10 @@ def use_custom_datasets(
     """
     given = [d for d in (train, val) if d is not None]
     if check:
-        for dataset in given:
-            check_custom_dataset(dataset)
+        for split, dataset in (("train", train), ("val", val)):
+            if dataset is not None:
+                note = empty_images_note(split, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+                check_custom_dataset(dataset, note)
     for dataset in given:
         register_custom_dataset(dataset)
     if train is not None:
