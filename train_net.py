@@ -33,6 +33,7 @@ from fcos.checkpoint import CheckpointMismatchError, check_weights_file, scratch
 from fcos.data.common import DatasetError  # noqa: E402
 from fcos.engine.config import SetupError, get_fcos_cfg  # noqa: E402
 from fcos.engine.datasets import (  # noqa: E402
+    apply_sizes_from_data,
     check_datasets_exist,
     custom_datasets_from_args,
     num_classes_set_explicitly,
@@ -91,6 +92,7 @@ def setup_config(args: argparse.Namespace, world_size: int) -> CfgNode:
     check_datasets_exist(cfg.DATASETS.TEST, "DATASETS.TEST")
     names: List[str] = ([] if args.eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST)
     resolve_num_classes(cfg, names, explicit=num_classes_set_explicitly(cfg, args.opts))
+    apply_sizes_from_data(cfg, cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN, args.opts)
     _check_weights_exist(cfg, args.resume)
     resolve_device(cfg)
     reference = cfg.SOLVER.REFERENCE_WORLD_SIZE

@@ -27,9 +27,10 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from .common import IMAGE_ERRORS, format_table, image_size, progress
+from .sizes import SizeStats, SizeSuggestion, format_sizes, size_stats, suggest_sizes
 
 ReadImages = bool | Literal["header"]
 
@@ -54,6 +55,9 @@ class Report:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    sizes: SizeStats | None = None
+    strides: tuple[int, ...] = ()
+    suggestion: SizeSuggestion | None = None
 
     @property
     def ok(self) -> bool:
@@ -70,6 +74,8 @@ class Report:
                 if len(lines) > max_lines:
                     parts.append(f"  ... and {len(lines) - max_lines} more")
         parts.append(format_table(("", "count"), self._summary_rows()))
+        if self.sizes is not None and self.sizes.short_sides.size:
+            parts += format_sizes(self.sizes, self.suggestion, self.strides)
         verdict = "OK" if self.ok else f"FAILED: {len(self.errors)} error(s)"
         parts.append(f"{self.ann_file}: {verdict}")
         return "\n".join(parts)
@@ -93,17 +99,22 @@ def check_coco_dataset(
     image_dir: str | Path,
     read_images: ReadImages = "header",
     empty_images_note: str = EMPTY_IMAGES_NOTE,
+    strides: Sequence[int] = (),
 ) -> Report:
     """Check a COCO detection JSON and its images; never raises for bad input, reports it instead.
 
     ``read_images``: ``False`` only checks that image files exist, ``"header"`` (default, fast) also
     reads each header for the size, ``True`` decodes every image completely. ``empty_images_note``
     ends the warning about images without annotations: what the caller's config does with them.
+    With ``strides`` (the FCOS levels of a config) the report suggests input sizes and level ranges.
     """
     report = Report(str(ann_file))
     data = _load_json(report)
     if data is not None:
         _Checker(report, data, Path(image_dir), read_images, empty_images_note).run()
+        report.sizes = size_stats(data)
+        report.strides = tuple(strides)
+        report.suggestion = suggest_sizes(report.sizes, strides) if strides else None
     report.summary["errors"] = len(report.errors)
     report.summary["warnings"] = len(report.warnings)
     return report
