@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        strides = list(load_config(args.config_file, [], ann_file=args.ann_file).MODEL.FCOS.FPN_STRIDES)
+        strides = list(load_config(args.config_file, []).MODEL.FCOS.FPN_STRIDES)
     except SetupError as err:
         print(f"check: error: {err}", file=sys.stderr)
         return 2

@@ -89,6 +89,8 @@ def size_stats(data: Mapping[str, Any]) -> SizeStats:
     short_of: dict[Any, float] = {}
     shorts, longs = [], []
     for image in data.get("images", []):
+        if not isinstance(image, dict):
+            continue
         try:
             width, height = float(image["width"]), float(image["height"])
         except (KeyError, TypeError, ValueError):
@@ -99,6 +101,8 @@ def size_stats(data: Mapping[str, Any]) -> SizeStats:
             longs.append(max(width, height))
     sides, box_image_short = [], []
     for ann in data.get("annotations", []):
+        if not isinstance(ann, dict):
+            continue
         bbox, short = ann.get("bbox"), short_of.get(ann.get("image_id"))
         if short is None or ann.get("iscrowd", 0) or not (isinstance(bbox, list) and len(bbox) == 4):
             continue
@@ -113,7 +117,8 @@ def size_stats(data: Mapping[str, Any]) -> SizeStats:
 
 
 def _round_step(value: float) -> int:
-    return max(SIZE_STEP, int(round(value / SIZE_STEP)) * SIZE_STEP)
+    """Nearest multiple of SIZE_STEP (halves up), at least SIZE_STEP."""
+    return max(SIZE_STEP, int(math.floor(value / SIZE_STEP + 0.5)) * SIZE_STEP)
 
 
 def suggest_sizes(stats: SizeStats, strides: Sequence[int]) -> SizeSuggestion | None:
