@@ -29,7 +29,11 @@ from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from fcos import FCOSCheckpointer, FCOSConfigError  # noqa: E402
-from fcos.checkpoint import CheckpointMismatchError, check_weights_file, scratch_advice  # noqa: E402
+from fcos.checkpoint import (  # noqa: E402
+    CheckpointMismatchError,
+    check_weights_file,
+    scratch_advice,
+)
 from fcos.data.common import DatasetError  # noqa: E402
 from fcos.engine.config import SetupError, get_fcos_cfg  # noqa: E402
 from fcos.engine.datasets import (  # noqa: E402
@@ -92,7 +96,8 @@ def setup_config(args: argparse.Namespace, world_size: int) -> CfgNode:
     check_datasets_exist(cfg.DATASETS.TEST, "DATASETS.TEST")
     names: List[str] = ([] if args.eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST)
     resolve_num_classes(cfg, names, explicit=num_classes_set_explicitly(cfg, args.opts))
-    apply_sizes_from_data(cfg, cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN, args.opts)
+    size_source = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN
+    apply_sizes_from_data(cfg, size_source, args.opts)
     _check_weights_exist(cfg, args.resume)
     resolve_device(cfg)
     reference = cfg.SOLVER.REFERENCE_WORLD_SIZE

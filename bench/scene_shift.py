@@ -1,18 +1,21 @@
-"""A small COCO-format dataset whose val scenes differ from its train scenes, to choose the from-scratch
-recipe (configs/fcos_custom_scratch.yaml) by how it generalises, not by how well it memorises.
+"""A small COCO-format dataset whose val scenes differ from its train scenes, to choose the
+from-scratch recipe (configs/fcos_custom_scratch.yaml) by how it generalises, not by how well it
+memorises.
 
     python -m bench.scene_shift --out datasets/generated/scene_shift [--num-train 320 --num-val 80]
 
-The objects are the embedded dataset's shapes (fcos.data.shapes: the class is the shape, colours random),
-but the scenes differ as a user's own photos of new places do:
+The objects are the embedded dataset's shapes (fcos.data.shapes: the class is the shape, colours
+random), but the scenes differ as a user's own photos of new places do:
 
-* train: smooth backgrounds (fcos.data.shapes' gradients and blotches), mid to light colours,
-  1-4 objects of 12-60 % of the image's shorter side;
-* val: striped, noisy, darker backgrounds with other colour statistics, denser scenes of 3-7 objects of
-  8-45 %.
+* train: smooth backgrounds (fcos.data.shapes' gradients and blotches), mid to light colours, 1-4
+  objects of 12-60 % of the image's shorter side;
+* val: striped, noisy, darker backgrounds with other colour statistics, denser scenes of 3-7 objects
+  of 8-45 %.
 
-Images are 160x120 (a non-square size that no config here assumes). Deterministic for given arguments.
+Images are 160x120 (a non-square size that no config here assumes). Deterministic for given
+arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +52,10 @@ def smooth_background(rng: np.random.Generator, height: int, width: int) -> np.n
     return np.clip(image + 30, 0, 255).astype(np.uint8)
 
 
-def _scene(rng: np.random.Generator, background: np.ndarray, count: int,
-           fractions: tuple[float, float]) -> list[shapes.PlacedShape]:
-    """Place ``count`` shapes (largest first) of longer side ``fractions`` of the shorter image side."""
+def _scene(
+    rng: np.random.Generator, background: np.ndarray, count: int, fractions: tuple[float, float]
+) -> list[shapes.PlacedShape]:
+    """Place ``count`` shapes, largest first, longer sides ``fractions`` of the shorter side."""
     height, width = background.shape[:2]
     canvas = shapes._Canvas(background)  # the embedded generator's occlusion and contrast rules
     wanted = []
@@ -63,8 +67,13 @@ def _scene(rng: np.random.Generator, background: np.ndarray, count: int,
     placed = []
     for category_id, w, h in sorted(wanted, key=lambda t: -t[1] * t[2]):
         for _ in range(PLACEMENT_ATTEMPTS):
-            shape = shapes.Shape(category_id, float(rng.uniform(0, width - w)), float(rng.uniform(0, height - h)),
-                                 float(w), float(h))
+            shape = shapes.Shape(
+                category_id,
+                float(rng.uniform(0, width - w)),
+                float(rng.uniform(0, height - h)),
+                float(w),
+                float(h),
+            )
             colour = canvas.try_place(rng, shape)
             if colour is not None:
                 placed.append(shapes.PlacedShape(shape, colour))
@@ -84,20 +93,33 @@ def write_split(out: Path, split: str, num_images: int, seed: int) -> Path:
     (out / split).mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for index in range(num_images):
-        rng = np.random.default_rng(np.random.SeedSequence([seed, list(SPLITS).index(split), index]))
+        rng = np.random.default_rng(
+            np.random.SeedSequence([seed, list(SPLITS).index(split), index])
+        )
         background = render(rng, HEIGHT, WIDTH)
         placed = _scene(rng, background, int(rng.integers(lo, hi + 1)), fractions)
         file_name = f"{index:05d}.jpg"
-        Image.fromarray(shapes.compose(background, placed)).save(out / split / file_name, **shapes.JPEG_OPTIONS)
+        Image.fromarray(shapes.compose(background, placed)).save(
+            out / split / file_name, **shapes.JPEG_OPTIONS
+        )
         images.append({"id": index + 1, "file_name": file_name, "width": WIDTH, "height": HEIGHT})
         for p in placed:
             mask, _, _ = p.shape.mask()
-            annotations.append({"id": len(annotations) + 1, "image_id": index + 1,
-                                "category_id": p.shape.category_id, "bbox": list(p.shape.tight_box()),
-                                "area": float(mask.sum()), "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index + 1,
+                    "category_id": p.shape.category_id,
+                    "bbox": list(p.shape.tight_box()),
+                    "area": float(mask.sum()),
+                    "iscrowd": 0,
+                }
+            )
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(shapes.CLASS_NAMES)]
     ann_file = out / f"{split}.json"
-    write_json_atomic(ann_file, {"images": images, "annotations": annotations, "categories": categories})
+    write_json_atomic(
+        ann_file, {"images": images, "annotations": annotations, "categories": categories}
+    )
     return ann_file
 
 

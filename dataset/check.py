@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decode every image completely (slow; also finds truncated files) instead of "
                         "reading only the headers")
     parser.add_argument("--config-file", default=DEFAULT_CONFIG,
-                        help="config whose FCOS levels (MODEL.FCOS.FPN_STRIDES) the size suggestion is for "
-                        "(default: %(default)s)")
+                        help="config whose FCOS levels (MODEL.FCOS.FPN_STRIDES) the size "
+                        "suggestion is for (default: %(default)s)")
     return parser
 
 
@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SetupError as err:
         print(f"check: error: {err}", file=sys.stderr)
         return 2
-    report = check_coco_dataset(args.ann_file, args.image_dir, read_images=True if args.full else "header",
+    read_images = True if args.full else "header"
+    report = check_coco_dataset(args.ann_file, args.image_dir, read_images=read_images,
                                 strides=strides)
     print(report.format())
     return 0 if report.ok else 1

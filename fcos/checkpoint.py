@@ -43,7 +43,7 @@ class CheckpointMismatchError(ValueError):
 
 
 def scratch_advice(cfg: CfgNode) -> str:
-    """How to train ``cfg`` without MODEL.WEIGHTS, or, when it cannot learn from random weights, what can.
+    """How to train ``cfg`` without MODEL.WEIGHTS, or what can if it cannot learn from random init.
 
     A FrozenBN backbone keeps random normalisation statistics and ``FREEZE_AT > 0`` keeps random
     convolutions: neither learns from scratch (the FrozenBN R-50 diverges), so ``MODEL.WEIGHTS ""``
@@ -52,15 +52,15 @@ def scratch_advice(cfg: CfgNode) -> str:
     norm, freeze_at = cfg.MODEL.RESNETS.NORM, cfg.MODEL.BACKBONE.FREEZE_AT
     if norm == "FrozenBN" or freeze_at > 0:
         return (
-            f"This config cannot train from scratch (MODEL.RESNETS.NORM {norm}, MODEL.BACKBONE.FREEZE_AT "
-            f"{freeze_at}: a randomly initialised frozen backbone does not learn); to train without "
-            f"pretrained weights, use {SCRATCH_CONFIG}."
+            f"This config cannot train from scratch (MODEL.RESNETS.NORM {norm}, "
+            f"MODEL.BACKBONE.FREEZE_AT {freeze_at}: a randomly initialised frozen backbone does "
+            f"not learn); to train without pretrained weights, use {SCRATCH_CONFIG}."
         )
     return 'To train this config from scratch, set MODEL.WEIGHTS "".'
 
 
 def missing_weights_message(path: str, advice: str = "") -> str:
-    """What to download and where, for a checkpoint path that does not exist; ``advice`` is appended."""
+    """What to download and where, for a checkpoint path that does not exist; then ``advice``."""
     return (
         f"checkpoint file {path!r} (MODEL.WEIGHTS) does not exist. {PRETRAINED_README} says what to download "
         f"and where to put it: the seed/cvpods FCOS_imprv_R_50_FPN_1x.pth as "

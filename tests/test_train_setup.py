@@ -8,7 +8,7 @@ import logging
 import sys
 import types
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import pytest
 import torch
@@ -126,11 +126,13 @@ def test_missing_weights_file_is_an_error_naming_it(tmp_path: Path) -> None:
 def test_images_without_annotations_are_reported_once_per_file_as_the_config_treats_them(
     tmp_path: Path, catalog: List[str], caplog: pytest.LogCaptureFixture, filter_empty: bool
 ) -> None:
-    argv = _custom_argv(tmp_path, catalog) + ["DATALOADER.FILTER_EMPTY_ANNOTATIONS", str(filter_empty)]
+    argv = _custom_argv(tmp_path, catalog)
+    argv += ["DATALOADER.FILTER_EMPTY_ANNOTATIONS", str(filter_empty)]
     files = {split: Path(argv[argv.index(f"--ann_file_{split}") + 1]) for split in ("train", "val")}
     for ann_file in files.values():
         ann = json.loads(ann_file.read_text())
-        ann["annotations"] = [a for a in ann["annotations"] if a["image_id"] != 2]  # 1.png loses its boxes
+        # 1.png loses its boxes
+        ann["annotations"] = [a for a in ann["annotations"] if a["image_id"] != 2]
         ann_file.write_text(json.dumps(ann))
     with caplog.at_level(logging.WARNING, logger="fcos.engine.datasets"):
         cfg = _setup(argv)
@@ -144,8 +146,8 @@ def test_images_without_annotations_are_reported_once_per_file_as_the_config_tre
     warnings = [r.getMessage() for r in caplog.records if "without annotations" in r.getMessage()]
     assert warnings == [
         f"{files['train']}: 1 image(s) without annotations (1.png); {train_fate}",
-        f"{files['val']}: 1 image(s) without annotations (1.png); they are evaluated as images without "
-        "objects (every detection on them is a false positive)",
+        f"{files['val']}: 1 image(s) without annotations (1.png); they are evaluated as images "
+        "without objects (every detection on them is a false positive)",
     ]
 
 
@@ -155,14 +157,14 @@ SCRATCH_ADVICE = "to train without pretrained weights, use configs/fcos_custom_s
 @pytest.mark.parametrize(
     "config, opts, advice",
     [
-        ("fcos_R_50_FPN_develop.yaml", [], "(MODEL.RESNETS.NORM FrozenBN, MODEL.BACKBONE.FREEZE_AT 3"),
-        ("fcos_shapes.yaml", ["MODEL.BACKBONE.FREEZE_AT", "1"], "(MODEL.RESNETS.NORM BN, MODEL.BACKBONE.FREEZE_AT 1"),
-        ("fcos_shapes.yaml", ["MODEL.RESNETS.NORM", "FrozenBN"], "(MODEL.RESNETS.NORM FrozenBN, MODEL.BACKBONE.FREEZE_AT 0"),
+        ("fcos_R_50_FPN_develop.yaml", [], ("FrozenBN", 3)),
+        ("fcos_shapes.yaml", ["MODEL.BACKBONE.FREEZE_AT", "1"], ("BN", 1)),
+        ("fcos_shapes.yaml", ["MODEL.RESNETS.NORM", "FrozenBN"], ("FrozenBN", 0)),
         ("fcos_shapes.yaml", [], None),
     ],
 )
 def test_missing_weights_says_how_to_train_without_them(
-    tmp_path: Path, config: str, opts: List[str], advice: Optional[str]
+    tmp_path: Path, config: str, opts: List[str], advice: Optional[Tuple[str, int]]
 ) -> None:
     missing = str(tmp_path / "nope.pth")
     with pytest.raises(SetupError) as err:
@@ -173,7 +175,9 @@ def test_missing_weights_says_how_to_train_without_them(
     if advice is None:  # a trainable backbone may start from random weights
         assert message.endswith('To train this config from scratch, set MODEL.WEIGHTS "".')
     else:  # a frozen one is never told to
-        assert f"This config cannot train from scratch {advice}" in message
+        norm, freeze_at = advice
+        frozen = f"(MODEL.RESNETS.NORM {norm}, MODEL.BACKBONE.FREEZE_AT {freeze_at}:"
+        assert f"This config cannot train from scratch {frozen}" in message
         assert message.endswith(SCRATCH_ADVICE) and 'MODEL.WEIGHTS ""' not in message
 
 

@@ -13,8 +13,8 @@ negative size or entirely outside their image, unknown category or image ids, du
 ``ignore: 1`` (detectron2's loader rejects it). Warnings are what works but deserves a look: boxes that
 stick out of their image (detectron2 clips them), category ids that are not 1..K (detectron2 maps
 them), images without annotations (what happens to them depends on the config:
-``train_net.py`` passes its own ``empty_images_note``), annotations without ``area`` (COCO evaluation
-needs it).
+``train_net.py`` passes its own ``empty_images_note``), annotations without ``area`` (COCO
+evaluation needs it).
 
 The default reads only image headers (size and EXIF orientation), which is fast; ``--full`` decodes
 every image and so also finds truncated files.
@@ -35,8 +35,10 @@ from .sizes import SizeStats, SizeSuggestion, format_sizes, size_stats, suggest_
 ReadImages = bool | Literal["header"]
 
 # What happens to images without annotations when no config is known (the command line).
-EMPTY_IMAGES_NOTE = ("detectron2 drops them from training when DATALOADER.FILTER_EMPTY_ANNOTATIONS is True "
-                     "(its default) and trains on them as images without objects when it is False")
+EMPTY_IMAGES_NOTE = (
+    "detectron2 drops them from training when DATALOADER.FILTER_EMPTY_ANNOTATIONS is True "
+    "(its default) and trains on them as images without objects when it is False"
+)
 
 # Box coordinates may exceed the image by float rounding without being wrong.
 _OUTSIDE_TOLERANCE = 1e-3
@@ -164,8 +166,8 @@ def _load_json(report: Report) -> dict[str, Any] | None:
 class _Checker:
     """Runs the per-record checks of one loaded COCO dict, appending to one report."""
 
-    def __init__(self, report: Report, data: dict[str, Any], image_dir: Path, read_images: ReadImages,
-                 empty_images_note: str = EMPTY_IMAGES_NOTE):
+    def __init__(self, report: Report, data: dict[str, Any], image_dir: Path,
+                 read_images: ReadImages, empty_images_note: str = EMPTY_IMAGES_NOTE):
         self.report = report
         self.empty_images_note = empty_images_note
         self.data = data

@@ -72,7 +72,8 @@ def custom_datasets_from_args(
 def empty_images_note(split: str, filter_empty: bool) -> str:
     """What this run does with a dataset's images without annotations, for the checker's warning."""
     if split == "val":
-        return "they are evaluated as images without objects (every detection on them is a false positive)"
+        return ("they are evaluated as images without objects "
+                "(every detection on them is a false positive)")
     if filter_empty:
         return ("they are dropped from training (DATALOADER.FILTER_EMPTY_ANNOTATIONS is True); "
                 "set it False to train on them as images without objects")
@@ -276,10 +277,10 @@ def _dataset_size_stats(names: Sequence[str]) -> Optional[SizeStats]:
 
 
 def apply_sizes_from_data(cfg: CfgNode, names: Sequence[str], opts: Sequence[str]) -> None:
-    """With ``INPUT.SIZES_FROM_DATA``, set input sizes and level ranges from ``names``' data (cfg unfrozen).
+    """With ``INPUT.SIZES_FROM_DATA``, set input sizes and level ranges from ``names``' data.
 
-    Keys given in ``opts`` win. The flag is then cleared, so the run's config.yaml reproduces the values
-    without the data (e.g. for ``--eval-only`` or the demo).
+    ``cfg`` must be unfrozen. Keys given in ``opts`` win. The flag is then cleared, so the run's
+    config.yaml reproduces the values without the data (e.g. for ``--eval-only`` or the demo).
     """
     if not cfg.INPUT.SIZES_FROM_DATA:
         return
@@ -288,8 +289,8 @@ def apply_sizes_from_data(cfg: CfgNode, names: Sequence[str], opts: Sequence[str
     suggestion = suggest_sizes(stats, strides) if stats is not None else None
     if suggestion is None:
         raise SetupError(
-            f"INPUT.SIZES_FROM_DATA: datasets {list(names)} have no COCO file with images and boxes to take "
-            "sizes from; set INPUT.SIZES_FROM_DATA False and INPUT.*_SIZE_* yourself"
+            f"INPUT.SIZES_FROM_DATA: datasets {list(names)} have no COCO file with images and "
+            "boxes to take sizes from; set INPUT.SIZES_FROM_DATA False and INPUT.*_SIZE_* yourself"
         )
     given = set(list(opts)[::2])
     chosen = {k: v for k, v in suggestion.as_config().items() if k not in given}
@@ -303,6 +304,7 @@ def apply_sizes_from_data(cfg: CfgNode, names: Sequence[str], opts: Sequence[str
     shares = ", ".join(f"{share:.0%}" for share in suggestion.level_shares)
     logger.info(
         f"INPUT.SIZES_FROM_DATA, from {list(names)} (median image shorter side "
-        f"{np.median(stats.short_sides):.0f} px; objects per level of strides {strides}: {shares}): "
+        f"{np.median(stats.short_sides):.0f} px; objects per level of strides {strides}: "
+        f"{shares}): "
         + ", ".join(f"{k} {v}" for k, v in chosen.items())
     )

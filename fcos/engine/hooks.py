@@ -124,6 +124,6 @@ class SynchronizeBuffersHook(HookBase):
             synchronize_buffers(self._model)
 
     def after_train(self) -> None:
-        # Only after a completed run: after an exception another process may never reach this collective.
+        # Only after a completed run: after an exception another process may never get here.
         if self.trainer.iter >= self.trainer.max_iter:
             synchronize_buffers(self._model)

@@ -2,8 +2,8 @@
 
 Kept from DefaultTrainer: model/optimizer/scheduler/data loader building order, hooks, ``--resume``.
 Changed: DDP also on CPU (gloo; detectron2 passes GPU ``device_ids``), ``find_unused_parameters`` only for a
-backbone that builds levels the head does not use, buffers (BatchNorm statistics) averaged over processes
-before every evaluation and checkpoint, AdamW as well as SGD, NaN/Inf stop on every rank,
+backbone that builds levels the head does not use, buffers (BatchNorm statistics) averaged over
+processes before every evaluation and checkpoint, AdamW as well as SGD, NaN/Inf stop on every rank,
 degenerate boxes dropped with a count, the training-curve PNG, COCO evaluation without the C++ extension,
 atomic checkpoints (FCOSCheckpointer) and FCOS's own test-time augmentation (FCOSWithTTA).
 """
@@ -33,7 +33,12 @@ from fcos import FCOSCheckpointer, FCOSWithTTA
 from .config import OPTIMIZERS
 from .datasets import drop_degenerate_boxes
 from .evaluation import build_coco_evaluator
-from .hooks import FiniteLossAMPTrainer, FiniteLossTrainer, SynchronizeBuffersHook, TrainingCurveHook
+from .hooks import (
+    FiniteLossAMPTrainer,
+    FiniteLossTrainer,
+    SynchronizeBuffersHook,
+    TrainingCurveHook,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +60,14 @@ def _without_forward_buffer_sync() -> Dict[str, bool]:
 
 
 def create_ddp_model(cfg: CfgNode, model: nn.Module) -> nn.Module:
-    """Wrap ``model`` in DDP (detectron2's ``create_ddp_model``) when there are several processes, on GPU or CPU.
+    """Wrap ``model`` in DDP (detectron2's ``create_ddp_model``) for several processes, GPU or CPU.
 
     Buffers are not broadcast at every forward, as in detectron2's DefaultTrainer; the processes'
     BatchNorm statistics are averaged before each evaluation and checkpoint instead
     (:class:`~fcos.engine.hooks.SynchronizeBuffersHook`). That costs one small all-reduce per
-    evaluation/checkpoint and keeps the statistics of all processes' images. SyncBN (``"SyncBN"`` norms)
-    would also make the batch statistics of training global, at two all-reduces per BN layer and
-    iteration: worth it only for a few images per process, so it stays a config choice.
+    evaluation/checkpoint and keeps the statistics of all processes' images. SyncBN (``"SyncBN"``
+    norms) would also make the batch statistics of training global, at two all-reduces per BN layer
+    and iteration: worth it only for a few images per process, so it stays a config choice.
 
     ``build_fcos_resnet_fpn_backbone`` builds only the levels in ``IN_FEATURES``, so DDP needs no
     ``find_unused_parameters``. The seed's ``build_retinanet_resnet_fpn_backbone`` always builds P3-P7
@@ -81,7 +86,10 @@ def create_ddp_model(cfg: CfgNode, model: nn.Module) -> nn.Module:
     # detectron2 defaults device_ids to the local GPU; a CPU module needs None.
     device_ids = [comm.get_local_rank()] if next(model.parameters()).is_cuda else None
     return d2_create_ddp_model(
-        model, device_ids=device_ids, find_unused_parameters=bool(unused), **_without_forward_buffer_sync()
+        model,
+        device_ids=device_ids,
+        find_unused_parameters=bool(unused),
+        **_without_forward_buffer_sync(),
     )
 
 
@@ -149,9 +157,10 @@ class FCOSTrainer(DefaultTrainer):
             logger.warning("The checkpoint has no optimizer state (written by plain detectron2?): it starts fresh")
 
     def build_hooks(self) -> List[hooks.HookBase]:
-        """detectron2's hooks, buffer synchronisation before the first checkpoint/eval hook, curves last."""
+        """detectron2's hooks, buffer sync before the first checkpoint/eval hook, curves last."""
         ret = super().build_hooks()
-        first = next(i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook)))
+        saving = (hooks.PeriodicCheckpointer, hooks.EvalHook)
+        first = next(i for i, h in enumerate(ret) if isinstance(h, saving))
         periods = (self.cfg.TEST.EVAL_PERIOD, self.cfg.SOLVER.CHECKPOINT_PERIOD)
         ret.insert(first, SynchronizeBuffersHook(self.model, periods))
         if comm.is_main_process():
