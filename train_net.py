@@ -29,10 +29,15 @@ from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from fcos import FCOSCheckpointer, FCOSConfigError  # noqa: E402
-from fcos.checkpoint import CheckpointMismatchError, check_weights_file  # noqa: E402
+from fcos.checkpoint import (  # noqa: E402
+    CheckpointMismatchError,
+    check_weights_file,
+    scratch_advice,
+)
 from fcos.data.common import DatasetError  # noqa: E402
 from fcos.engine.config import SetupError, get_fcos_cfg  # noqa: E402
 from fcos.engine.datasets import (  # noqa: E402
+    apply_sizes_from_data,
     check_datasets_exist,
     custom_datasets_from_args,
     num_classes_set_explicitly,
@@ -91,6 +96,8 @@ def setup_config(args: argparse.Namespace, world_size: int) -> CfgNode:
     check_datasets_exist(cfg.DATASETS.TEST, "DATASETS.TEST")
     names: List[str] = ([] if args.eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST)
     resolve_num_classes(cfg, names, explicit=num_classes_set_explicitly(cfg, args.opts))
+    size_source = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN
+    apply_sizes_from_data(cfg, size_source, args.opts)
     _check_weights_exist(cfg, args.resume)
     resolve_device(cfg)
     reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
@@ -108,11 +115,15 @@ def setup_config(args: argparse.Namespace, world_size: int) -> CfgNode:
 
 
 def _check_weights_exist(cfg: CfgNode, resume: bool) -> None:
-    """A missing local MODEL.WEIGHTS is an error now, unless --resume will use a checkpoint instead."""
+    """A missing local MODEL.WEIGHTS is an error now, unless --resume will use a checkpoint instead.
+
+    The message says how to train without weights: ``MODEL.WEIGHTS ""`` only for a config whose
+    backbone can learn from random weights, the from-scratch config otherwise.
+    """
     if resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
         return
     try:
-        check_weights_file(cfg.MODEL.WEIGHTS)
+        check_weights_file(cfg.MODEL.WEIGHTS, scratch_advice(cfg))
     except FileNotFoundError as err:
         raise SetupError(str(err)) from None
 

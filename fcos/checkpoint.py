@@ -20,6 +20,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
 from tabulate import tabulate
 from torch import Tensor, nn
 
@@ -32,6 +33,7 @@ LAST_CHECKPOINT_TAG = "last_checkpoint"
 PRETRAINED_README = Path(__file__).resolve().parents[1] / "pretrained_weights" / "README.md"
 SEED_CONFIG = "configs/fcos_R_50_FPN.yaml"
 OFFICIAL_CONFIG = "configs/fcos_R_50_FPN_official.yaml"
+SCRATCH_CONFIG = "configs/fcos_custom_scratch.yaml"
 CLASS_HEAD_KEYS = ("head.cls_score.weight", "head.cls_score.bias")
 _MAX_LISTED_MISMATCHES = 3
 
@@ -40,14 +42,31 @@ class CheckpointMismatchError(ValueError):
     """Checkpoint tensors that do not fit the model built from the config; names keys, shapes and cause."""
 
 
-def missing_weights_message(path: str) -> str:
-    """What to download and where, for a checkpoint path that does not exist."""
+def scratch_advice(cfg: CfgNode) -> str:
+    """How to train ``cfg`` without MODEL.WEIGHTS, or what can if it cannot learn from random init.
+
+    A FrozenBN backbone keeps random normalisation statistics and ``FREEZE_AT > 0`` keeps random
+    convolutions: neither learns from scratch (the FrozenBN R-50 diverges), so ``MODEL.WEIGHTS ""``
+    would be bad advice for them.
+    """
+    norm, freeze_at = cfg.MODEL.RESNETS.NORM, cfg.MODEL.BACKBONE.FREEZE_AT
+    if norm == "FrozenBN" or freeze_at > 0:
+        return (
+            f"This config cannot train from scratch (MODEL.RESNETS.NORM {norm}, "
+            f"MODEL.BACKBONE.FREEZE_AT {freeze_at}: a randomly initialised frozen backbone does "
+            f"not learn); to train without pretrained weights, use {SCRATCH_CONFIG}."
+        )
+    return 'To train this config from scratch, set MODEL.WEIGHTS "".'
+
+
+def missing_weights_message(path: str, advice: str = "") -> str:
+    """What to download and where, for a checkpoint path that does not exist; then ``advice``."""
     return (
         f"checkpoint file {path!r} (MODEL.WEIGHTS) does not exist. {PRETRAINED_README} says what to download "
         f"and where to put it: the seed/cvpods FCOS_imprv_R_50_FPN_1x.pth as "
         f"pretrained_weights/FCOS_imprv_R_50_FPN_1x.pth for {SEED_CONFIG}, or the official FCOS "
         f"FCOS_imprv_R_50_FPN_1x.pth saved as pretrained_weights/FCOS_imprv_R_50_FPN_1x_official.pth for "
-        f"{OFFICIAL_CONFIG}. To train from scratch, set MODEL.WEIGHTS \"\"."
+        f"{OFFICIAL_CONFIG}." + (f" {advice}" if advice else "")
     )
 
 
@@ -57,7 +76,7 @@ def check_weights_file(path: str, hint: str = "") -> None:
     URLs are left to detectron2's PathManager; ``hint`` is appended to the message.
     """
     if path and "://" not in path and not os.path.isfile(path):
-        raise FileNotFoundError(missing_weights_message(path) + (f" {hint}" if hint else ""))
+        raise FileNotFoundError(missing_weights_message(path, hint))
 
 
 def _mismatch_cause(key: str, ckpt_shape: Sequence[int], model_shape: Sequence[int]) -> str:

@@ -151,8 +151,9 @@ def test_warnings_alone_exit_0(dataset: tuple[Path, Path]) -> None:
         f"{ann}: category ids are not 1..2 (1, 5); fine, detectron2 maps them to contiguous ids",
         f"{ann}: 1 box(es) extend beyond their image, e.g. annotations[0] (id 1, image a.jpg); detectron2 clips them",
         f"{ann}: 1 annotation(s) without 'area'; COCO evaluation (pycocotools) needs it",
-        f"{ann}: 1 image(s) without annotations (b.jpg); detectron2 drops them from training unless "
-        "DATALOADER.FILTER_EMPTY_ANNOTATIONS is False",
+        f"{ann}: 1 image(s) without annotations (b.jpg); detectron2 drops them from training "
+        "when DATALOADER.FILTER_EMPTY_ANNOTATIONS is True (its default) and trains on them as "
+        "images without objects when it is False",
     ]
     assert report.summary["categories"] == {"cat": 1, "dog": 0}
     assert report.summary["images_without_annotations"] == 1

@@ -9,7 +9,7 @@ import logging
 import sys
 import types
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Optional, Tuple
 
 import pytest
 import torch
@@ -122,6 +122,65 @@ def test_missing_weights_file_is_an_error_naming_it(tmp_path: Path) -> None:
     with pytest.raises(SetupError, match="nope.pth"):
         _setup(["--config-file", str(SHAPES_CONFIG), "--eval-only", "MODEL.WEIGHTS", missing,
                 "DATASETS.TEST", "()"])
+
+
+@pytest.mark.parametrize("filter_empty", [True, False])
+def test_images_without_annotations_are_reported_once_per_file_as_the_config_treats_them(
+    tmp_path: Path, catalog: List[str], caplog: pytest.LogCaptureFixture, filter_empty: bool
+) -> None:
+    argv = _custom_argv(tmp_path, catalog)
+    argv += ["DATALOADER.FILTER_EMPTY_ANNOTATIONS", str(filter_empty)]
+    files = {split: Path(argv[argv.index(f"--ann_file_{split}") + 1]) for split in ("train", "val")}
+    for ann_file in files.values():
+        ann = json.loads(ann_file.read_text())
+        # 1.png loses its boxes
+        ann["annotations"] = [a for a in ann["annotations"] if a["image_id"] != 2]
+        ann_file.write_text(json.dumps(ann))
+    with caplog.at_level(logging.WARNING, logger="fcos.engine.datasets"):
+        cfg = _setup(argv)
+    assert cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS is filter_empty
+    train_fate = (
+        "they are dropped from training (DATALOADER.FILTER_EMPTY_ANNOTATIONS is True); "
+        "set it False to train on them as images without objects"
+        if filter_empty else
+        "they train as images without objects (DATALOADER.FILTER_EMPTY_ANNOTATIONS is False)"
+    )
+    warnings = [r.getMessage() for r in caplog.records if "without annotations" in r.getMessage()]
+    assert warnings == [
+        f"{files['train']}: 1 image(s) without annotations (1.png); {train_fate}",
+        f"{files['val']}: 1 image(s) without annotations (1.png); they are evaluated as images "
+        "without objects (every detection on them is a false positive)",
+    ]
+
+
+SCRATCH_ADVICE = "to train without pretrained weights, use configs/fcos_custom_scratch.yaml."
+
+
+@pytest.mark.parametrize(
+    "config, opts, advice",
+    [
+        ("fcos_R_50_FPN_develop.yaml", [], ("FrozenBN", 3)),
+        ("fcos_shapes.yaml", ["MODEL.BACKBONE.FREEZE_AT", "1"], ("BN", 1)),
+        ("fcos_shapes.yaml", ["MODEL.RESNETS.NORM", "FrozenBN"], ("FrozenBN", 0)),
+        ("fcos_shapes.yaml", [], None),
+    ],
+)
+def test_missing_weights_says_how_to_train_without_them(
+    tmp_path: Path, config: str, opts: List[str], advice: Optional[Tuple[str, int]]
+) -> None:
+    missing = str(tmp_path / "nope.pth")
+    with pytest.raises(SetupError) as err:
+        _setup(["--config-file", str(REPO / "configs" / config), "MODEL.WEIGHTS", missing,
+                "DATASETS.TRAIN", "()", "DATASETS.TEST", "()", *opts])
+    message = str(err.value)
+    assert "nope.pth" in message and "pretrained_weights/README.md" in message
+    if advice is None:  # a trainable backbone may start from random weights
+        assert message.endswith('To train this config from scratch, set MODEL.WEIGHTS "".')
+    else:  # a frozen one is never told to
+        norm, freeze_at = advice
+        frozen = f"(MODEL.RESNETS.NORM {norm}, MODEL.BACKBONE.FREEZE_AT {freeze_at}:"
+        assert f"This config cannot train from scratch {frozen}" in message
+        assert message.endswith(SCRATCH_ADVICE) and 'MODEL.WEIGHTS ""' not in message
 
 
 # --- bad data: one clear error naming the file, before training ---------------------------------------------

@@ -12,8 +12,9 @@ unreadable images, image sizes that disagree with the file (detectron2 stops on 
 negative size or entirely outside their image, unknown category or image ids, duplicate ids,
 ``ignore: 1`` (detectron2's loader rejects it). Warnings are what works but deserves a look: boxes that
 stick out of their image (detectron2 clips them), category ids that are not 1..K (detectron2 maps
-them), images without annotations (dropped from training unless
-``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` is off), annotations without ``area`` (COCO evaluation needs it).
+them), images without annotations (what happens to them depends on the config:
+``train_net.py`` passes its own ``empty_images_note``), annotations without ``area`` (COCO
+evaluation needs it).
 
 The default reads only image headers (size and EXIF orientation), which is fast; ``--full`` decodes
 every image and so also finds truncated files.
@@ -26,11 +27,18 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from .common import IMAGE_ERRORS, format_table, image_size, progress
+from .sizes import SizeStats, SizeSuggestion, format_sizes, size_stats, suggest_sizes
 
 ReadImages = bool | Literal["header"]
+
+# What happens to images without annotations when no config is known (the command line).
+EMPTY_IMAGES_NOTE = (
+    "detectron2 drops them from training when DATALOADER.FILTER_EMPTY_ANNOTATIONS is True "
+    "(its default) and trains on them as images without objects when it is False"
+)
 
 # Box coordinates may exceed the image by float rounding without being wrong.
 _OUTSIDE_TOLERANCE = 1e-3
@@ -49,6 +57,9 @@ class Report:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    sizes: SizeStats | None = None
+    strides: tuple[int, ...] = ()
+    suggestion: SizeSuggestion | None = None
 
     @property
     def ok(self) -> bool:
@@ -65,6 +76,8 @@ class Report:
                 if len(lines) > max_lines:
                     parts.append(f"  ... and {len(lines) - max_lines} more")
         parts.append(format_table(("", "count"), self._summary_rows()))
+        if self.sizes is not None and self.sizes.short_sides.size:
+            parts += format_sizes(self.sizes, self.suggestion, self.strides)
         verdict = "OK" if self.ok else f"FAILED: {len(self.errors)} error(s)"
         parts.append(f"{self.ann_file}: {verdict}")
         return "\n".join(parts)
@@ -84,17 +97,26 @@ class Report:
 
 
 def check_coco_dataset(
-    ann_file: str | Path, image_dir: str | Path, read_images: ReadImages = "header"
+    ann_file: str | Path,
+    image_dir: str | Path,
+    read_images: ReadImages = "header",
+    empty_images_note: str = EMPTY_IMAGES_NOTE,
+    strides: Sequence[int] = (),
 ) -> Report:
     """Check a COCO detection JSON and its images; never raises for bad input, reports it instead.
 
     ``read_images``: ``False`` only checks that image files exist, ``"header"`` (default, fast) also
-    reads each header for the size, ``True`` decodes every image completely.
+    reads each header for the size, ``True`` decodes every image completely. ``empty_images_note``
+    ends the warning about images without annotations: what the caller's config does with them.
+    With ``strides`` (the FCOS levels of a config) the report suggests input sizes and level ranges.
     """
     report = Report(str(ann_file))
     data = _load_json(report)
     if data is not None:
-        _Checker(report, data, Path(image_dir), read_images).run()
+        _Checker(report, data, Path(image_dir), read_images, empty_images_note).run()
+        report.sizes = size_stats(data)
+        report.strides = tuple(strides)
+        report.suggestion = suggest_sizes(report.sizes, strides) if strides else None
     report.summary["errors"] = len(report.errors)
     report.summary["warnings"] = len(report.warnings)
     return report
@@ -144,8 +166,10 @@ def _load_json(report: Report) -> dict[str, Any] | None:
 class _Checker:
     """Runs the per-record checks of one loaded COCO dict, appending to one report."""
 
-    def __init__(self, report: Report, data: dict[str, Any], image_dir: Path, read_images: ReadImages):
+    def __init__(self, report: Report, data: dict[str, Any], image_dir: Path,
+                 read_images: ReadImages, empty_images_note: str = EMPTY_IMAGES_NOTE):
         self.report = report
+        self.empty_images_note = empty_images_note
         self.data = data
         self.image_dir = image_dir
         self.read_images = read_images
@@ -167,8 +191,7 @@ class _Checker:
         if empty:
             examples = ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else "")
             self.report.warnings.append(f"{self.name}: {len(empty)} image(s) without annotations ({examples}); "
-                                        "detectron2 drops them from training unless "
-                                        "DATALOADER.FILTER_EMPTY_ANNOTATIONS is False")
+                                        f"{self.empty_images_note}")
         self.report.summary.update(images=len(self.data["images"]), images_without_annotations=len(empty))
         self._check_image_files()
 

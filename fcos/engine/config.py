@@ -21,10 +21,14 @@ class SetupError(ValueError):
 
 
 def add_training_config(cfg: CN) -> None:
-    """Add ``SOLVER.OPTIMIZER``/``SOLVER.BETAS`` and ``DATASETS.SHAPES.*`` to ``cfg`` in place."""
+    """Add ``SOLVER.OPTIMIZER``/``BETAS``, ``INPUT.SIZES_FROM_DATA``, ``DATASETS.SHAPES.*``."""
     cfg.SOLVER.OPTIMIZER = "SGD"
     # AdamW's (beta1, beta2); SGD uses SOLVER.MOMENTUM instead.
     cfg.SOLVER.BETAS = (0.9, 0.999)
+    # True: INPUT.MIN/MAX_SIZE_TRAIN/TEST and MODEL.FCOS.OBJECT_SIZES_OF_INTEREST are derived
+    # from the run's datasets (fcos.data.sizes) when train_net.py starts; the run's config.yaml
+    # holds the values.
+    cfg.INPUT.SIZES_FROM_DATA = False
     cfg.DATASETS.SHAPES = CN()
     # Where the embedded dataset is generated; "" = fcos.data.shapes' default (datasets/generated/shapes in the repository).
     cfg.DATASETS.SHAPES.ROOT = ""

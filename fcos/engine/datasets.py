@@ -12,11 +12,13 @@ common FCOS mistake (it trains, then evaluates garbage), so it is an error here,
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
@@ -25,6 +27,7 @@ from detectron2.structures import BoxMode
 from fcos.data import shapes
 from fcos.data.check import check_coco_dataset
 from fcos.data.common import coco_category_names
+from fcos.data.sizes import SizeStats, size_stats, suggest_sizes
 
 from .config import SetupError, get_fcos_cfg
 
@@ -66,17 +69,29 @@ def custom_datasets_from_args(
     return pairs[0], pairs[1]
 
 
-def check_custom_dataset(dataset: CustomDataset) -> None:
+def empty_images_note(split: str, filter_empty: bool) -> str:
+    """What this run does with a dataset's images without annotations, for the checker's warning."""
+    if split == "val":
+        return ("they are evaluated as images without objects "
+                "(every detection on them is a false positive)")
+    if filter_empty:
+        return ("they are dropped from training (DATALOADER.FILTER_EMPTY_ANNOTATIONS is True); "
+                "set it False to train on them as images without objects")
+    return "they train as images without objects (DATALOADER.FILTER_EMPTY_ANNOTATIONS is False)"
+
+
+def check_custom_dataset(dataset: CustomDataset, empty_note: str) -> None:
     """Run the dataset checker (image headers only: fast) and turn its errors into one exception.
 
     Catches non-COCO JSON, missing/unreadable images, unknown category ids and zero/negative boxes
-    before minutes of model building and training are spent.
+    before minutes of model building and training are spent. The checker's messages already name the
+    file; ``empty_note`` says what the run does with images without annotations.
     """
-    report = check_coco_dataset(dataset.ann_file, dataset.image_dir)
+    report = check_coco_dataset(dataset.ann_file, dataset.image_dir, empty_images_note=empty_note)
     if not report.ok:
         raise SetupError(f"dataset {dataset.name!r} is not usable:\n{report.format()}")
     for warning in report.warnings:
-        logger.warning(f"{dataset.ann_file}: {warning}")
+        logger.warning(warning)
 
 
 def register_custom_dataset(dataset: CustomDataset) -> None:
@@ -104,8 +119,10 @@ def use_custom_datasets(
     """
     given = [d for d in (train, val) if d is not None]
     if check:
-        for dataset in given:
-            check_custom_dataset(dataset)
+        for split, dataset in (("train", train), ("val", val)):
+            if dataset is not None:
+                note = empty_images_note(split, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+                check_custom_dataset(dataset, note)
     for dataset in given:
         register_custom_dataset(dataset)
     if train is not None:
@@ -243,3 +260,51 @@ def drop_degenerate_boxes(dataset_dicts: List[dict], dataset_names: Sequence[str
             f"Removed {removed} degenerate boxes (zero or negative size inside the image) from {list(dataset_names)}"
         )
     return dataset_dicts
+
+
+def _dataset_size_stats(names: Sequence[str]) -> Optional[SizeStats]:
+    """Image and box sizes of the named datasets' COCO files together; None if none has a file."""
+    parts = []
+    for name in names:
+        json_file = MetadataCatalog.get(name).get("json_file")
+        if json_file:
+            with open(json_file, encoding="utf-8") as f:
+                parts.append(size_stats(json.load(f)))
+    if not parts:
+        return None
+    return SizeStats(*(np.concatenate([getattr(p, k) for p in parts]) for k in
+                       ("short_sides", "long_sides", "box_sides", "box_image_shorts")))
+
+
+def apply_sizes_from_data(cfg: CfgNode, names: Sequence[str], opts: Sequence[str]) -> None:
+    """With ``INPUT.SIZES_FROM_DATA``, set input sizes and level ranges from ``names``' data.
+
+    ``cfg`` must be unfrozen. Keys given in ``opts`` win. The flag is then cleared, so the run's
+    config.yaml reproduces the values without the data (e.g. for ``--eval-only`` or the demo).
+    """
+    if not cfg.INPUT.SIZES_FROM_DATA:
+        return
+    stats = _dataset_size_stats(names)
+    strides = list(cfg.MODEL.FCOS.FPN_STRIDES)
+    suggestion = suggest_sizes(stats, strides) if stats is not None else None
+    if suggestion is None:
+        raise SetupError(
+            f"INPUT.SIZES_FROM_DATA: datasets {list(names)} have no COCO file with images and "
+            "boxes to take sizes from; set INPUT.SIZES_FROM_DATA False and INPUT.*_SIZE_* yourself"
+        )
+    given = set(list(opts)[::2])
+    chosen = {k: v for k, v in suggestion.as_config().items() if k not in given}
+    for key, value in chosen.items():
+        node = cfg
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    cfg.INPUT.SIZES_FROM_DATA = False
+    shares = ", ".join(f"{share:.0%}" for share in suggestion.level_shares)
+    logger.info(
+        f"INPUT.SIZES_FROM_DATA, from {list(names)} (median image shorter side "
+        f"{np.median(stats.short_sides):.0f} px; objects per level of strides {strides}: "
+        f"{shares}): "
+        + ", ".join(f"{k} {v}" for k, v in chosen.items())
+    )

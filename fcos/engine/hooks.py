@@ -1,6 +1,8 @@
 """Training hooks and step logic the project adds to detectron2's DefaultTrainer.
 
 * :class:`TrainingCurveHook` redraws the training-curve PNG after each evaluation and at the end.
+* :class:`SynchronizeBuffersHook` makes every process hold the same buffers (BatchNorm running
+  statistics) before each evaluation and checkpoint, see :func:`synchronize_buffers`.
 * :class:`FiniteLossMixin` stops training at the first NaN/Inf loss, in every process, before the
   optimizer step, naming the iteration: detectron2 0.6 only raises in the main process (the others then
   hang in the next collective until the 30-minute timeout) and after the bad gradients were computed.
@@ -9,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer
 from detectron2.utils import comm
+from torch import nn
 
 from .curves import CURVE_FILE, plot_training_curves
 
@@ -91,3 +94,51 @@ class TrainingCurveHook(HookBase):
 
     def after_train(self) -> None:
         self._plot()
+
+
+def synchronize_buffers(model: nn.Module) -> None:
+    """Average every floating-point buffer of ``model`` over all processes, in place.
+
+    DDP trains without syncing buffers (one broadcast per iteration would make every process's
+    BatchNorm statistics those of process 0's images only). Each process's running mean and variance
+    are then moving averages over its own images; their mean over processes is the moving average
+    over all images (exact for the mean; for the variance it leaves out the small spread between the
+    processes' batch means). Integer buffers (``num_batches_tracked``) advance in lockstep and stay.
+    No-op in one process.
+    """
+    if comm.get_world_size() == 1:
+        return
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).double() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= comm.get_world_size()
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
+class SynchronizeBuffersHook(HookBase):
+    """Call :func:`synchronize_buffers` before every evaluation and checkpoint, and at the end.
+
+    Must come before detectron2's PeriodicCheckpointer and EvalHook (and after PreciseBN, which
+    recomputes the statistics per process), so the saved model is the evaluated model and every
+    process evaluates its share of the val set with the same statistics. ``periods`` are the
+    evaluation and checkpoint periods (0 = never); the last iteration always synchronises.
+    """
+
+    def __init__(self, model: nn.Module, periods: Sequence[int]) -> None:
+        self._model = model
+        self._periods = [p for p in periods if p > 0]
+
+    def after_step(self) -> None:
+        next_iter = self.trainer.iter + 1
+        if next_iter >= self.trainer.max_iter or any(next_iter % p == 0 for p in self._periods):
+            synchronize_buffers(self._model)
+
+    def after_train(self) -> None:
+        # Only after a completed run: after an exception another process may never get here.
+        if self.trainer.iter >= self.trainer.max_iter:
+            synchronize_buffers(self._model)

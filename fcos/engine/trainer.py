@@ -2,12 +2,14 @@
 
 Kept from DefaultTrainer: model/optimizer/scheduler/data loader building order, hooks, ``--resume``.
 Changed: DDP also on CPU (gloo; detectron2 passes GPU ``device_ids``), ``find_unused_parameters`` only for a
-backbone that builds levels the head does not use, AdamW as well as SGD, NaN/Inf stop on every rank,
+backbone that builds levels the head does not use, buffers (BatchNorm statistics) averaged over
+processes before every evaluation and checkpoint, AdamW as well as SGD, NaN/Inf stop on every rank,
 degenerate boxes dropped with a count, the training-curve PNG, COCO evaluation without the C++ extension,
 atomic checkpoints (FCOSCheckpointer) and FCOS's own test-time augmentation (FCOSWithTTA).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import weakref
 from collections import OrderedDict
@@ -17,6 +19,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, TrainerBase, hooks
+from detectron2.engine.defaults import create_ddp_model as d2_create_ddp_model
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.solver import build_optimizer as build_sgd_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
@@ -30,7 +33,12 @@ from fcos import FCOSCheckpointer, FCOSWithTTA
 from .config import OPTIMIZERS
 from .datasets import drop_degenerate_boxes
 from .evaluation import build_coco_evaluator
-from .hooks import FiniteLossAMPTrainer, FiniteLossTrainer, TrainingCurveHook
+from .hooks import (
+    FiniteLossAMPTrainer,
+    FiniteLossTrainer,
+    SynchronizeBuffersHook,
+    TrainingCurveHook,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +49,25 @@ def unused_backbone_levels(cfg: CfgNode, model: nn.Module) -> List[str]:
     return sorted(set(produced) - set(cfg.MODEL.FCOS.IN_FEATURES))
 
 
+def _without_forward_buffer_sync() -> Dict[str, bool]:
+    """The DDP argument that turns off the per-iteration buffer broadcast, by feature detection.
+
+    torch >= 2.13 calls it ``forward_sync_buffers`` (``broadcast_buffers`` is deprecated there).
+    """
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 def create_ddp_model(cfg: CfgNode, model: nn.Module) -> nn.Module:
-    """Wrap ``model`` in DDP when there are several processes, on GPU or CPU.
+    """Wrap ``model`` in DDP (detectron2's ``create_ddp_model``) for several processes, GPU or CPU.
+
+    Buffers are not broadcast at every forward, as in detectron2's DefaultTrainer; the processes'
+    BatchNorm statistics are averaged before each evaluation and checkpoint instead
+    (:class:`~fcos.engine.hooks.SynchronizeBuffersHook`). That costs one small all-reduce per
+    evaluation/checkpoint and keeps the statistics of all processes' images. SyncBN (``"SyncBN"``
+    norms) would also make the batch statistics of training global, at two all-reduces per BN layer
+    and iteration: worth it only for a few images per process, so it stays a config choice.
 
     ``build_fcos_resnet_fpn_backbone`` builds only the levels in ``IN_FEATURES``, so DDP needs no
     ``find_unused_parameters``. The seed's ``build_retinanet_resnet_fpn_backbone`` always builds P3-P7
@@ -58,9 +83,13 @@ def create_ddp_model(cfg: CfgNode, model: nn.Module) -> nn.Module:
             f"{list(cfg.MODEL.FCOS.IN_FEATURES)}: using DDP find_unused_parameters=True (slower). "
             "build_fcos_resnet_fpn_backbone builds only the levels the head uses."
         )
+    # detectron2 defaults device_ids to the local GPU; a CPU module needs None.
     device_ids = [comm.get_local_rank()] if next(model.parameters()).is_cuda else None
-    return DistributedDataParallel(
-        model, device_ids=device_ids, broadcast_buffers=False, find_unused_parameters=bool(unused)
+    return d2_create_ddp_model(
+        model,
+        device_ids=device_ids,
+        find_unused_parameters=bool(unused),
+        **_without_forward_buffer_sync(),
     )
 
 
@@ -134,7 +163,12 @@ class FCOSTrainer(DefaultTrainer):
             logger.warning("The checkpoint has no optimizer state (written by plain detectron2?): it starts fresh")
 
     def build_hooks(self) -> List[hooks.HookBase]:
+        """detectron2's hooks, buffer sync before the first checkpoint/eval hook, curves last."""
         ret = super().build_hooks()
+        saving = (hooks.PeriodicCheckpointer, hooks.EvalHook)
+        first = next(i for i, h in enumerate(ret) if isinstance(h, saving))
+        periods = (self.cfg.TEST.EVAL_PERIOD, self.cfg.SOLVER.CHECKPOINT_PERIOD)
+        ret.insert(first, SynchronizeBuffersHook(self.model, periods))
         if comm.is_main_process():
             ret.append(TrainingCurveHook(self.cfg.OUTPUT_DIR))
         return ret
