@@ -23,8 +23,8 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import BoxMode
 
 from fcos.data import shapes
-from fcos.data.check import check_coco_dataset
-from fcos.data.common import coco_category_names
+from fcos.data.check import check_coco_dataset, degenerate_box
+from fcos.data.common import DatasetError, coco_category_names
 
 from .config import SetupError, get_fcos_cfg
 
@@ -66,17 +66,18 @@ def custom_datasets_from_args(
     return pairs[0], pairs[1]
 
 
-def check_custom_dataset(dataset: CustomDataset) -> None:
+def check_custom_dataset(dataset: CustomDataset, strict_boxes: bool = False) -> None:
     """Run the dataset checker (image headers only: fast) and turn its errors into one exception.
 
-    Catches non-COCO JSON, missing/unreadable images, unknown category ids and zero/negative boxes
-    before minutes of model building and training are spent.
+    Catches non-COCO JSON, missing/unreadable images and unknown category ids before minutes of model
+    building and training are spent. Degenerate boxes are one warning (the loader drops them), or
+    errors with ``strict_boxes`` (``DATASETS.STRICT_BOXES``).
     """
-    report = check_coco_dataset(dataset.ann_file, dataset.image_dir)
+    report = check_coco_dataset(dataset.ann_file, dataset.image_dir, strict_boxes=strict_boxes)
     if not report.ok:
         raise SetupError(f"dataset {dataset.name!r} is not usable:\n{report.format()}")
     for warning in report.warnings:
-        logger.warning(f"{dataset.ann_file}: {warning}")
+        logger.warning(warning)
 
 
 def register_custom_dataset(dataset: CustomDataset) -> None:
@@ -105,7 +106,7 @@ def use_custom_datasets(
     given = [d for d in (train, val) if d is not None]
     if check:
         for dataset in given:
-            check_custom_dataset(dataset)
+            check_custom_dataset(dataset, strict_boxes=cfg.DATASETS.STRICT_BOXES)
     for dataset in given:
         register_custom_dataset(dataset)
     if train is not None:
@@ -218,28 +219,34 @@ def resolve_num_classes(cfg: CfgNode, names: Sequence[str], explicit: bool) -> N
     cfg.MODEL.FCOS.NUM_CLASSES = count
 
 
-def drop_degenerate_boxes(dataset_dicts: List[dict], dataset_names: Sequence[str]) -> List[dict]:
-    """Remove annotations whose box has no area inside its image, and log how many were removed.
+def drop_degenerate_boxes(
+    dataset_dicts: List[dict], dataset_names: Sequence[str], strict: bool = False
+) -> List[dict]:
+    """Remove annotations whose box has no area inside its image (``fcos.data.check.degenerate_box``).
 
-    Such boxes give no positive location and, left in, a zero-size target; removing them is safe, but
-    the count is logged because many of them usually mean broken annotations.
+    Custom datasets were checked before training, which warned about these boxes by annotation id, so
+    the count here is logged at INFO level. With ``strict`` (``DATASETS.STRICT_BOXES``) any such box
+    is a DatasetError instead, for datasets the checker does not see (COCO, the embedded data).
     """
-    removed = 0
+    removed: List[str] = []
     for record in dataset_dicts:
         kept = []
         for anno in record.get("annotations", []):
-            x0, y0, x1, y1 = BoxMode.convert(list(anno["bbox"]), anno["bbox_mode"], BoxMode.XYXY_ABS)
-            if "width" in record and "height" in record:
-                x0, x1 = max(x0, 0.0), min(x1, float(record["width"]))
-                y0, y1 = max(y0, 0.0), min(y1, float(record["height"]))
-            if x1 > x0 and y1 > y0:
+            box = BoxMode.convert(list(anno["bbox"]), anno["bbox_mode"], BoxMode.XYXY_ABS)
+            reason = degenerate_box(*box, record.get("width"), record.get("height"))
+            if reason is None:
                 kept.append(anno)
             else:
-                removed += 1
+                removed.append(f"{record.get('file_name', '?')} box {list(anno['bbox'])}: {reason}")
         if "annotations" in record:
             record["annotations"] = kept
+    if removed and strict:
+        raise DatasetError(
+            f"{len(removed)} training box(es) in {list(dataset_names)} have no area inside their image, e.g. "
+            f"{'; '.join(removed[:3])}; set DATASETS.STRICT_BOXES False to drop them"
+        )
     if removed:
-        logger.warning(
-            f"Removed {removed} degenerate boxes (zero or negative size inside the image) from {list(dataset_names)}"
+        logger.info(
+            f"Dropped {len(removed)} degenerate box(es) (no area inside their image) from {list(dataset_names)}"
         )
     return dataset_dicts
