@@ -1,19 +1,24 @@
 #!/usr/bin/env python
 """Check a COCO-format detection dataset before training on it.
 
-    python dataset/check.py --ann_file X.json --image_dir DIR [--full]
+    python dataset/check.py --ann_file X.json --image_dir DIR [--full] [--strict]
 
-Exit status 1 when the dataset has errors, 0 otherwise (warnings allowed). What counts as an error or a
-warning is documented in :mod:`fcos.data.check`, which ``train_net.py`` also runs before training.
+Exit status 1 when the dataset has errors, 0 otherwise (warnings allowed), like a linter; 2 with one
+line when it cannot be checked at all (the annotation file is missing, unreadable or not COCO JSON, the
+image folder does not exist). What counts as an error or a warning is documented in
+:mod:`fcos.data.check`, which ``train_net.py`` also runs before training.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
 from fcos.data.check import check_coco_dataset
+from fcos.data.common import DatasetError
+from fcos.engine.cli import run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,15 +32,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--full", action="store_true",
                         help="decode every image completely (slow; also finds truncated files) instead of "
                         "reading only the headers")
+    parser.add_argument("--strict", action="store_true",
+                        help="boxes with no area inside their image are errors (as with DATASETS.STRICT_BOXES "
+                        "True in training) instead of one warning (training drops them)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
-    report = check_coco_dataset(args.ann_file, args.image_dir, read_images=True if args.full else "header")
-    print(report.format())
-    return 0 if report.ok else 1
+
+    def check() -> int:
+        if not os.path.isdir(args.image_dir):
+            raise DatasetError(f"{args.image_dir}: not a folder (--image_dir)")
+        report = check_coco_dataset(args.ann_file, args.image_dir, read_images=True if args.full else "header",
+                                    strict_boxes=args.strict)
+        if not report.readable:
+            raise DatasetError(report.errors[0])
+        print(report.format())
+        return 0 if report.ok else 1
+
+    return run("check", check)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Published FCOS weights come in several layouts (FCOS_SPEC.md, "Checkpoint key layouts"). The layout is
 told apart by the keys, not by the file name, because the seed's cvpods file and the official
 maskrcnn-benchmark file are both called ``FCOS_imprv_R_50_FPN_1x.pth``. Everything here is a pure
-function of the file's content, shared by ``FCOSCheckpointer`` and the ``python -m fcos.convert`` CLI.
+function of the file's content, shared by ``FCOSCheckpointer`` and the ``tools/convert.py`` CLI.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A pickle can name any importable callable and have the unpickler call it; a down
 is therefore executable. ``.pth`` files go through ``torch.load(weights_only=True)``; ``.pkl`` files
 (detectron2/Caffe2 ImageNet backbones: dicts of numpy arrays) through an unpickler that only admits
 numpy arrays and plain containers/scalars. Anything else is refused unless the caller opts in with
-``allow_unsafe`` (``CHECKPOINT.ALLOW_UNSAFE_PICKLE`` / ``--allow-unsafe-pickle``).
+``allow_unsafe`` (``CHECKPOINT.ALLOW_UNSAFE_PICKLE`` / ``tools/convert.py --allow-unsafe-pickle``).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 OPT_IN_HINT = (
     "if you trust this file, set CHECKPOINT.ALLOW_UNSAFE_PICKLE True "
-    "(or pass --allow-unsafe-pickle to python -m fcos.convert)"
+    "(or pass --allow-unsafe-pickle to tools/convert.py)"
 )
 
 # (module, name) pairs a numpy-array pickle needs, in both numpy 1 ("numpy.core") and numpy 2
@@ -133,7 +133,7 @@ def load_torch(path: str, *, allow_unsafe: bool = False) -> Any:
     """``torch.load`` on CPU with ``weights_only=True`` (numpy arrays admitted); a refusal names the global.
 
     torch's weights-only unpickler reports a refused global and a corrupt byte stream with the same
-    exception type; only the former names a global ("Unsupported global").
+    exception type; only the former names the pickle opcode ("... GLOBAL module.name ...").
 
     Raises:
         UnsafeCheckpointError: the file holds objects ``weights_only`` refuses and ``allow_unsafe`` is off.
@@ -143,7 +143,7 @@ def load_torch(path: str, *, allow_unsafe: bool = False) -> Any:
         with torch.serialization.safe_globals(_TORCH_NUMPY_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):
+        if "GLOBAL" not in str(e):
             raise _corrupt(path, _weights_only_reason(e)) from e
         if not allow_unsafe:
             raise UnsafeCheckpointError(

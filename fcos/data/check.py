@@ -67,6 +67,8 @@ class Report:
     """
 
     ann_file: str
+    # False when the file itself could not be read as COCO JSON (then ``errors`` says why, in one line).
+    readable: bool = True
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -115,6 +117,7 @@ def check_coco_dataset(
     """
     report = Report(str(ann_file))
     data = _load_json(report)
+    report.readable = data is not None
     if data is not None:
         _Checker(report, data, Path(image_dir), read_images, strict_boxes).run()
     report.summary["errors"] = len(report.errors)
