@@ -8,9 +8,9 @@
     python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
 
 Config and data problems (a missing or mistyped config key, a missing COCO folder, bad annotation
-files, NUM_CLASSES that disagrees with the data) are found here, in the launching process, before any
-worker starts or any iteration runs. Every bad input ends the run with one line and exit status 2, a
-diverging run with exit status 1 (``fcos.engine.cli``; ``FCOS_DEBUG=1`` shows the traceback).
+files, NUM_CLASSES that disagrees with the data) are found here, in the launching process, before
+any worker starts or any iteration runs. Every bad input ends the run with one line and exit status
+2, a diverging run with exit status 1 (``fcos.engine.cli``; ``FCOS_DEBUG=1`` shows the traceback).
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def main(cfg: CfgNode, args: argparse.Namespace) -> None:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse, check the config and data, then launch; returns the exit status (see the module doc)."""
+    """Parse, check the config and data, then launch; returns the exit status (see above)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
     world_size = args.num_gpus * args.num_machines

@@ -4,8 +4,8 @@
     python dataset/check.py --ann_file X.json --image_dir DIR [--full] [--strict]
 
 Exit status 1 when the dataset has errors, 0 otherwise (warnings allowed), like a linter; 2 with one
-line when it cannot be checked at all (the annotation file is missing, unreadable or not COCO JSON, the
-image folder does not exist). What counts as an error or a warning is documented in
+line when it cannot be checked at all (the annotation file is missing, unreadable or not COCO JSON,
+the image folder does not exist). What counts as an error or a warning is documented in
 :mod:`fcos.data.check`, which ``train_net.py`` also runs before training.
 """
 
@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decode every image completely (slow; also finds truncated files) instead of "
                         "reading only the headers")
     parser.add_argument("--strict", action="store_true",
-                        help="boxes with no area inside their image are errors (as with DATASETS.STRICT_BOXES "
-                        "True in training) instead of one warning (training drops them)")
+                        help="boxes with no area inside their image are errors (as with "
+                        "DATASETS.STRICT_BOXES True in training) instead of one warning (training "
+                        "drops them)")
     return parser
 
 
@@ -45,8 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def check() -> int:
         if not os.path.isdir(args.image_dir):
             raise DatasetError(f"{args.image_dir}: not a folder (--image_dir)")
-        report = check_coco_dataset(args.ann_file, args.image_dir, read_images=True if args.full else "header",
-                                    strict_boxes=args.strict)
+        read_images = True if args.full else "header"
+        report = check_coco_dataset(args.ann_file, args.image_dir, read_images, args.strict)
         if not report.readable:
             raise DatasetError(report.errors[0])
         print(report.format())

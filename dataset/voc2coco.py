@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_ext", default=".jpg", help="image extension when <filename> is missing or has none; "
                         "the name then is the annotation stem plus this (default: %(default)s)")
     parser.add_argument("--strict", action="store_true",
-                        help="treat every skippable problem (bad object, malformed file) as an error: exit 2, "
-                        "write nothing")
+                        help="treat every skippable problem (bad object, malformed file) as an "
+                        "error: exit 2, write nothing")
     return parser
 
 
@@ -107,7 +107,7 @@ def labels_path_for(output: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 success, 2 bad input, nothing written then)."""
+    """Command-line entry point; returns the exit status (0 success, 2 bad input: no output)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _validate_sources(parser, args)
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    """Convert and write; bad input raises DatasetError (one line per problem), nothing is written then."""
+    """Convert and write; bad input raises DatasetError (a line per problem) and writes nothing."""
     labels = read_labels(args.labels) if args.labels is not None else None
     paths = annotation_paths(args)
     try:

@@ -4,12 +4,12 @@
         --input datasets/generated/shapes/val --output output/demo \
         --opts MODEL.WEIGHTS output/fcos_shapes/model_final.pth
 
-``--input`` takes files, folders (their images, sorted) and quoted glob patterns, in any mix. An input
-that is missing or cannot be read is reported by name and skipped; the run still processes the others
-and exits with status 1 at the end. A bad config, key, weights file or ``--ann_file`` is one line and
-exit status 2 (``fcos.engine.cli``). detectron2's demo conventions otherwise: ``--confidence-threshold``,
-``--video-input``, ``--webcam``, ``--opts KEY VALUE ...`` (e.g. ``MODEL.DEVICE cpu``,
-``TEST.AUG.ENABLED True`` for test-time augmentation).
+``--input`` takes files, folders (their images, sorted) and quoted glob patterns, in any mix. An
+input that is missing or cannot be read is reported by name and skipped; the run still processes the
+others and exits with status 1 at the end. A bad config, key, weights file or ``--ann_file`` is one
+line and exit status 2 (``fcos.engine.cli``). detectron2's demo conventions otherwise:
+``--confidence-threshold``, ``--video-input``, ``--webcam``, ``--opts KEY VALUE ...`` (e.g.
+``MODEL.DEVICE cpu``, ``TEST.AUG.ENABLED True`` for test-time augmentation).
 """
 from __future__ import annotations
 

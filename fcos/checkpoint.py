@@ -227,7 +227,7 @@ class LoadReport:
 
 def _check_finite_weights(state: Mapping[str, Tensor], name: str) -> None:
     """Refuse to save NaN/Inf weights: such a checkpoint would replace the last good one."""
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise NonFiniteLossError(
@@ -269,13 +269,14 @@ class FCOSCheckpointer(DetectionCheckpointer):
             raise CheckpointMismatchError(f"{path}: {e}") from None
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
-        """fvcore's resume-or-load; a ``last_checkpoint`` naming a missing or corrupt file is a ResumeError."""
+        """fvcore's resume-or-load; ResumeError if last_checkpoint names a missing/corrupt file."""
         if not (resume and self.has_checkpoint()):
             return self.load(path, checkpointables=[])
         last = self.get_checkpoint_file()
         tag = os.path.join(self.save_dir, LAST_CHECKPOINT_TAG)
+        last_name = os.path.basename(last)
         others = sorted(
-            (f for f in self.get_all_checkpoint_files() if os.path.basename(f) != os.path.basename(last)),
+            (f for f in self.get_all_checkpoint_files() if os.path.basename(f) != last_name),
             key=os.path.getmtime,
         )
         fix = (
@@ -288,7 +289,9 @@ class FCOSCheckpointer(DetectionCheckpointer):
         try:
             return self.load(last)
         except CorruptCheckpointError as e:
-            raise ResumeError(f"--resume: {e}; {tag} names it as the checkpoint to resume from: {fix}") from e
+            raise ResumeError(
+                f"--resume: {e}; {tag} names it as the checkpoint to resume from: {fix}"
+            ) from e
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         converted = read_checkpoint(

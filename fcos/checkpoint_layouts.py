@@ -59,7 +59,8 @@ def _split_container(data: Any, path: str) -> Tuple[Mapping[str, Any], Dict[str,
     """(weights, other entries) of a raw state dict, ``{"model": ...}``, ``{"state_dict": ...}`` or Caffe2 ``{"blobs": ...}``."""
     if not isinstance(data, Mapping):
         raise UnknownLayoutError(
-            f"{path}: expected a dict of tensors or {{'model': state_dict, ...}}, got {type(data).__name__}"
+            f"{path}: expected a dict of tensors or {{'model': state_dict, ...}}, "
+            f"got {type(data).__name__}"
         )
     for container in ("model", "state_dict", "blobs"):
         if isinstance(data.get(container), Mapping):
@@ -73,7 +74,9 @@ def _as_tensors(weights: Mapping[str, Any], path: str) -> Dict[str, Tensor]:
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(value)
         if not isinstance(value, Tensor):
-            raise UnknownLayoutError(f"{path}: weight {key!r} is a {type(value).__name__}, not a tensor or numpy array")
+            raise UnknownLayoutError(
+                f"{path}: weight {key!r} is a {type(value).__name__}, not a tensor or numpy array"
+            )
         tensors[key] = value
     return tensors
 

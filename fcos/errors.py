@@ -1,8 +1,9 @@
 """The error a diverging training run ends with, raised by the model part and re-used by the engine.
 
 It lives in the model part because the first place a divergence can be seen is the model's own loss
-computation (NaN/Inf head outputs, before any library assertion trips over them) and the checkpointer
-(NaN/Inf weights must never overwrite the last good checkpoint); the training loop adds the iteration.
+computation (NaN/Inf head outputs, before any library assertion trips over them) and the
+checkpointer (NaN/Inf weights must never overwrite the last good checkpoint); the training loop adds
+the iteration.
 """
 from __future__ import annotations
 
@@ -13,4 +14,4 @@ DIVERGENCE_HINT = (
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training values became NaN or Inf (head outputs, losses or weights); the message says which."""
+    """Training values became NaN or Inf (head outputs, losses, weights); the message says which."""

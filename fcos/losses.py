@@ -45,14 +45,14 @@ def iou_loss(pred: Tensor, target: Tensor, loss_type: str) -> Tensor:
 
 
 def check_finite_predictions(predictions: Dict[str, Tensor]) -> None:
-    """Raise NonFiniteLossError when any prediction is NaN/Inf in any process, in every process at once.
+    """Raise NonFiniteLossError in every process when a prediction is NaN/Inf in any process.
 
     Runs before the losses: fvcore's GIoU asserts ``x1 <= x2`` on the predicted boxes, which a NaN
     fails with an unrelated-looking ``AssertionError``. One ``isfinite().all()`` per tensor; with
     several processes one all-reduce of those flags (gloo/NCCL) makes every rank stop at the same
     iteration instead of leaving the others waiting in the next gradient all-reduce.
     """
-    flags = torch.stack([~torch.isfinite(t.detach()).all() for t in predictions.values()]).to(torch.float32)
+    flags = torch.stack([~t.detach().isfinite().all() for t in predictions.values()]).float()
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if world_size > 1:
         dist.all_reduce(flags)

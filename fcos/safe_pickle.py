@@ -63,11 +63,11 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 
 
 class CorruptCheckpointError(ValueError):
-    """A file that cannot be read as a checkpoint: truncated (an interrupted download or copy), or not one."""
+    """A file that is no readable checkpoint: truncated (e.g. a download cut short), or not one."""
 
 
-# What torch.load and pickle raise for a truncated or foreign file (measured with torch 2.x: a cut zip
-# raises RuntimeError, an empty file EOFError, text KeyError or UnpicklingError, random bytes
+# What torch.load and pickle raise for a truncated or foreign file (measured with torch 2.x: a cut
+# zip raises RuntimeError, an empty file EOFError, text KeyError or UnpicklingError, random bytes
 # UnpicklingError, a cut legacy-format file RuntimeError).
 _CORRUPT_FILE_ERRORS = (
     RuntimeError, EOFError, KeyError, IndexError, ValueError, TypeError, pickle.UnpicklingError,
@@ -84,8 +84,8 @@ def _corrupt(path: str, reason: str) -> CorruptCheckpointError:
     if os.path.getsize(path) == 0:
         reason = "the file is empty"
     return CorruptCheckpointError(
-        f"{path}: not a complete checkpoint file ({reason}): it is truncated (an interrupted download "
-        "or copy) or not a PyTorch/pickle checkpoint at all"
+        f"{path}: not a complete checkpoint file ({reason}): it is truncated (an interrupted "
+        "download or copy) or not a PyTorch/pickle checkpoint at all"
     )
 
 
@@ -108,7 +108,7 @@ def load_pickle(path: str, *, allow_unsafe: bool = False) -> Any:
     with open(path, "rb") as f:
         try:
             if allow_unsafe:
-                logger.warning(f"{path}: unpickling with no restrictions (ALLOW_UNSAFE_PICKLE is on)")
+                logger.warning(f"{path}: unpickling without restrictions (ALLOW_UNSAFE_PICKLE on)")
                 return pickle.load(f, encoding="latin1")
             return _ArraysOnlyUnpickler(f, encoding="latin1").load()
         except UnsafeCheckpointError as e:

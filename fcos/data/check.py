@@ -8,11 +8,12 @@ unrelated-looking crash (a KeyError in the loader, a size mismatch on one image,
 zero-size box) or, worse, silently trains on the wrong data.
 
 Errors are what breaks detectron2 or makes the data wrong: a file that is not COCO JSON, missing or
-unreadable images, image sizes that disagree with the file (detectron2 stops on those), unknown category
-or image ids, duplicate ids, ``ignore: 1`` (detectron2's loader rejects it). Warnings are what works but
-deserves a look: boxes that stick out of their image (detectron2 clips them), category ids that are not
-1..K (detectron2 maps them), images without annotations (dropped from training unless
-``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` is off), annotations without ``area`` (COCO evaluation needs it).
+unreadable images, image sizes that disagree with the file (detectron2 stops on those), unknown
+category or image ids, duplicate ids, ``ignore: 1`` (detectron2's loader rejects it). Warnings are
+what works but deserves a look: boxes that stick out of their image (detectron2 clips them),
+category ids that are not 1..K (detectron2 maps them), images without annotations (dropped from
+training unless ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` is off), annotations without ``area`` (COCO
+evaluation needs it).
 
 Degenerate boxes (no area inside their image: zero or negative size, or entirely outside it; see
 :func:`degenerate_box`) are mis-clicks that real datasets have a few of. Training drops them, so by
@@ -43,16 +44,19 @@ _NAMED_DEGENERATE = 3
 
 
 def degenerate_box(
-    x0: float, y0: float, x1: float, y1: float, width: float | None = None, height: float | None = None
+    x0: float, y0: float, x1: float, y1: float,
+    width: float | None = None, height: float | None = None,
 ) -> str | None:
     """Why an ``(x0, y0, x1, y1)`` box has no area inside its ``width`` x ``height`` image, or None.
 
-    The one definition of "degenerate" shared by this checker and training's loader, which drops such
-    boxes: they give FCOS no positive location and a zero-size regression target.
+    The one definition of "degenerate", shared by this checker and training's loader (which drops
+    such boxes): they give FCOS no positive location and a zero-size regression target.
     """
     if x1 <= x0 or y1 <= y0:
         return "zero or negative size"
-    if width is not None and height is not None and (x0 >= width or y0 >= height or x1 <= 0 or y1 <= 0):
+    if width is None or height is None:
+        return None
+    if x0 >= width or y0 >= height or x1 <= 0 or y1 <= 0:
         return f"entirely outside the {width}x{height} image"
     return None
 
@@ -67,7 +71,7 @@ class Report:
     """
 
     ann_file: str
-    # False when the file itself could not be read as COCO JSON (then ``errors`` says why, in one line).
+    # False when the file itself could not be read as COCO JSON (``errors`` then says why).
     readable: bool = True
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -107,7 +111,10 @@ class Report:
 
 
 def check_coco_dataset(
-    ann_file: str | Path, image_dir: str | Path, read_images: ReadImages = "header", strict_boxes: bool = False
+    ann_file: str | Path,
+    image_dir: str | Path,
+    read_images: ReadImages = "header",
+    strict_boxes: bool = False,
 ) -> Report:
     """Check a COCO detection JSON and its images; never raises for bad input, reports it instead.
 
@@ -169,8 +176,8 @@ def _load_json(report: Report) -> dict[str, Any] | None:
 class _Checker:
     """Runs the per-record checks of one loaded COCO dict, appending to one report."""
 
-    def __init__(self, report: Report, data: dict[str, Any], image_dir: Path, read_images: ReadImages,
-                 strict_boxes: bool):
+    def __init__(self, report: Report, data: dict[str, Any], image_dir: Path,
+                 read_images: ReadImages, strict_boxes: bool):
         self.report = report
         self.data = data
         self.image_dir = image_dir
@@ -320,13 +327,13 @@ class _Checker:
             named = "; ".join(self.degenerate[:_NAMED_DEGENERATE])
             more = len(self.degenerate) - _NAMED_DEGENERATE
             self.report.warnings.append(
-                f"{self.name}: {len(self.degenerate)} degenerate box(es) with no area inside their image, "
-                f"which training drops: {named}" + (f"; and {more} more" if more > 0 else "")
+                f"{self.name}: {len(self.degenerate)} degenerate box(es) with no area inside their "
+                f"image, which training drops: {named}" + (f"; and {more} more" if more > 0 else "")
                 + " (DATASETS.STRICT_BOXES True / dataset/check.py --strict refuse them)"
             )
 
     def _check_box(self, bbox: object, where: str, image: dict[str, Any]) -> Literal["ok", "sticks out", "bad"]:
-        """Validate one ``[x, y, w, h]`` box against its image; errors and degenerate boxes are recorded here."""
+        """Check one ``[x, y, w, h]`` box against its image; records errors and degenerate boxes."""
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
             self.error(f"{where}.bbox: expected [x, y, width, height] of finite numbers, got {bbox!r}")
             return "bad"

@@ -1,11 +1,11 @@
 """How the applications end on an error: one line on stderr, an exit status, no traceback.
 
 Every command line (train_net.py, demo/demo.py, tools/export.py, tools/convert.py, dataset/check.py,
-dataset/voc2coco.py) runs its body through :func:`run`. The project's exceptions for bad input (config,
-data, weights, process layout) become ``prog: error: <message>`` and exit status 2, as argparse does for
-a bad flag; a training run that diverged (NaN/Inf) exits with 1. Any other exception is a bug and keeps
-its traceback. ``FCOS_DEBUG=1`` prints the traceback of the handled errors as well, and keeps it in the
-training log (:func:`quiet_expected_errors`).
+dataset/voc2coco.py) runs its body through :func:`run`. The project's exceptions for bad input
+(config, data, weights, process layout) become ``prog: error: <message>`` and exit status 2, as
+argparse does for a bad flag; a training run that diverged (NaN/Inf) exits with 1. Any other
+exception is a bug and keeps its traceback. ``FCOS_DEBUG=1`` prints the traceback of the handled
+errors as well, and keeps it in the training log (:func:`quiet_expected_errors`).
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from .launch import LaunchError
 
 DEBUG_ENV = "FCOS_DEBUG"
 USER_ERRORS: Tuple[Type[BaseException], ...] = (
-    SetupError, DatasetError, FCOSConfigError, LaunchError, CheckpointMismatchError, UnknownLayoutError,
-    UnsafeCheckpointError, CorruptCheckpointError, ResumeError,
+    SetupError, DatasetError, FCOSConfigError, LaunchError, CheckpointMismatchError,
+    UnknownLayoutError, UnsafeCheckpointError, CorruptCheckpointError, ResumeError,
 )
 RUN_FAILURES: Tuple[Type[BaseException], ...] = (NonFiniteLossError,)
 EXPECTED_ERRORS = USER_ERRORS + RUN_FAILURES
@@ -77,7 +77,7 @@ class _StripExpectedTraceback(logging.Filter):
 
 
 def quiet_expected_errors(logger_names: Iterable[str] = (TRAIN_LOOP_LOGGER,)) -> None:
-    """Keep tracebacks of expected errors out of these loggers (idempotent; call in every process)."""
+    """Keep tracebacks of expected errors out of these loggers (idempotent; for every process)."""
     for name in logger_names:
         target = logging.getLogger(name)
         if not any(isinstance(f, _StripExpectedTraceback) for f in target.filters):

@@ -3,13 +3,13 @@
 ``SOLVER.OPTIMIZER`` exists because detectron2 0.6 only builds SGD, and from-scratch training of the
 embedded config in a CPU budget needs AdamW (measured: AdamW lr 1e-3 far ahead of SGD 0.01 in minutes).
 ``DATASETS.SHAPES`` describes the embedded synthetic dataset, so one config file fully defines the
-README's first command, data included. ``DATASETS.STRICT_BOXES`` chooses between dropping boxes with no
-area inside their image (default) and refusing the dataset.
+README's first command, data included. ``DATASETS.STRICT_BOXES`` chooses between dropping boxes with
+no area inside their image (default) and refusing the dataset.
 
 :func:`merge_config` is how every application builds its config from a file and ``KEY VALUE``
-overrides: the merge is detectron2's (``_BASE_`` chains, version upgrade, yacs type checks), and each
-error it can raise becomes one line naming the file (the one in the ``_BASE_`` chain that holds the
-key) or the command line, the key, and for a typo the closest existing keys.
+overrides: the merge is detectron2's (``_BASE_`` chains, version upgrade, yacs type checks), and
+each error it can raise becomes one line naming the file (the one in the ``_BASE_`` chain that holds
+the key) or the command line, the key, and for a typo the closest existing keys.
 """
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ def get_fcos_cfg() -> CN:
 
 # What yacs says about a bad key or value (yacs 0.1.x; detectron2 and fvcore pass these through).
 _UNKNOWN_KEY = re.compile(r"Non-existent (?:config )?key: (\S+)")
-_RENAMED_KEY = re.compile(r"Key (\S+) was renamed to (\S+); please update your config\.(?: Note: (.*))?", re.S)
+_RENAMED_KEY = re.compile(
+    r"Key (\S+) was renamed to (\S+); please update your config\.(?: Note: (.*))?", re.S
+)
 _TYPE_MISMATCH = re.compile(
     r"Type mismatch \((.+?) vs\. (.+?)\) with values \((.*) vs\. (.*)\) for config key: (\S+)", re.S
 )
@@ -89,7 +91,9 @@ def merge_config(cfg: CN, config_file: Optional[str], opts: Sequence[str]) -> No
         except (KeyError, ValueError, AssertionError) as err:
             raise _config_error(cfg, err, chain) from None
     if len(opts) % 2:
-        raise SetupError(f"{COMMAND_LINE}s need KEY VALUE pairs, got an odd number of items: {list(opts)}")
+        raise SetupError(
+            f"{COMMAND_LINE}s need KEY VALUE pairs, got an odd number of items: {list(opts)}"
+        )
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, AssertionError) as err:
@@ -116,7 +120,9 @@ def _yaml_chain(config_file: str) -> List[Tuple[str, Dict[str, Any]]]:
         except (OSError, UnicodeDecodeError) as err:
             raise SetupError(f"{path}: cannot read the config file: {err}") from None
         if not isinstance(data, dict):
-            raise SetupError(f"{path}: expected a mapping of config keys (KEY: value), got {type(data).__name__}")
+            raise SetupError(
+                f"{path}: expected a mapping of config keys (KEY: value), got {type(data).__name__}"
+            )
         chain.append((path, data))
         bases = data.get("_BASE_", [])
         for base in [bases] if isinstance(bases, str) else bases:
@@ -141,7 +147,7 @@ def all_keys(cfg: CN, prefix: str = "") -> Iterator[str]:
 
 
 def _culprit(chain: List[Tuple[str, Dict[str, Any]]], key: str) -> str:
-    """The file of the ``_BASE_`` chain whose YAML sets ``key`` (the command line when no file does)."""
+    """The file of the ``_BASE_`` chain whose YAML sets ``key`` (else the command line)."""
     for index, (path, data) in enumerate(chain):
         node: Any = data
         for part in key.split("."):
@@ -158,7 +164,9 @@ def _type_name(text: str) -> str:
     return match.group(1) if match else text
 
 
-def _config_error(cfg: CN, err: BaseException, chain: List[Tuple[str, Dict[str, Any]]]) -> SetupError:
+def _config_error(
+    cfg: CN, err: BaseException, chain: List[Tuple[str, Dict[str, Any]]]
+) -> SetupError:
     """A one-line SetupError for what yacs raised while merging."""
     message = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
     unknown = _UNKNOWN_KEY.search(message)
@@ -172,12 +180,13 @@ def _config_error(cfg: CN, err: BaseException, chain: List[Tuple[str, Dict[str, 
     if renamed:
         key, new_key, note = renamed.groups()
         why = f" ({note.strip()})" if note else ""
-        return SetupError(f"{_culprit(chain, key)}: {key} was renamed to {new_key}{why}; use {new_key}")
+        where = _culprit(chain, key)
+        return SetupError(f"{where}: {key} was renamed to {new_key}{why}; use {new_key}")
     mismatch = _TYPE_MISMATCH.search(message)
     if mismatch:
         expected, given, default, value, key = mismatch.groups()
         return SetupError(
-            f"{_culprit(chain, key)}: {key} must be of type {_type_name(expected)} (the value it replaces "
-            f"is {default}), got {value!r} of type {_type_name(given)}"
+            f"{_culprit(chain, key)}: {key} must be of type {_type_name(expected)} "
+            f"(the value it replaces is {default}), got {value!r} of type {_type_name(given)}"
         )
     return SetupError(f"{chain[0][0] if chain else COMMAND_LINE}: {' '.join(message.split())}")

@@ -69,9 +69,9 @@ def custom_datasets_from_args(
 def check_custom_dataset(dataset: CustomDataset, strict_boxes: bool = False) -> None:
     """Run the dataset checker (image headers only: fast) and turn its errors into one exception.
 
-    Catches non-COCO JSON, missing/unreadable images and unknown category ids before minutes of model
-    building and training are spent. Degenerate boxes are one warning (the loader drops them), or
-    errors with ``strict_boxes`` (``DATASETS.STRICT_BOXES``).
+    Catches non-COCO JSON, missing/unreadable images and unknown category ids before minutes of
+    model building and training are spent. Degenerate boxes are one warning (the loader drops them),
+    or errors with ``strict_boxes`` (``DATASETS.STRICT_BOXES``).
     """
     report = check_coco_dataset(dataset.ann_file, dataset.image_dir, strict_boxes=strict_boxes)
     if not report.ok:
@@ -222,11 +222,11 @@ def resolve_num_classes(cfg: CfgNode, names: Sequence[str], explicit: bool) -> N
 def drop_degenerate_boxes(
     dataset_dicts: List[dict], dataset_names: Sequence[str], strict: bool = False
 ) -> List[dict]:
-    """Remove annotations whose box has no area inside its image (``fcos.data.check.degenerate_box``).
+    """Remove annotations whose box has no area inside its image (``fcos.data.check``'s test).
 
-    Custom datasets were checked before training, which warned about these boxes by annotation id, so
-    the count here is logged at INFO level. With ``strict`` (``DATASETS.STRICT_BOXES``) any such box
-    is a DatasetError instead, for datasets the checker does not see (COCO, the embedded data).
+    Custom datasets were checked before training, which warned about these boxes by annotation id,
+    so the count here is logged at INFO level. With ``strict`` (``DATASETS.STRICT_BOXES``) any such
+    box is a DatasetError instead, for datasets the checker does not see (COCO, the embedded data).
     """
     removed: List[str] = []
     for record in dataset_dicts:
@@ -242,11 +242,12 @@ def drop_degenerate_boxes(
             record["annotations"] = kept
     if removed and strict:
         raise DatasetError(
-            f"{len(removed)} training box(es) in {list(dataset_names)} have no area inside their image, e.g. "
-            f"{'; '.join(removed[:3])}; set DATASETS.STRICT_BOXES False to drop them"
+            f"{len(removed)} training box(es) in {list(dataset_names)} have no area inside their "
+            f"image, e.g. {'; '.join(removed[:3])}; set DATASETS.STRICT_BOXES False to drop them"
         )
     if removed:
         logger.info(
-            f"Dropped {len(removed)} degenerate box(es) (no area inside their image) from {list(dataset_names)}"
+            f"Dropped {len(removed)} degenerate box(es) (no area inside their image) "
+            f"from {list(dataset_names)}"
         )
     return dataset_dicts

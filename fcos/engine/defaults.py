@@ -1,11 +1,11 @@
 """Config and model set-up shared by the applications (training, the demo, export).
 
-What detectron2's ``engine.defaults`` does for its tools, for FCOS: the config of a run is the project's
-full schema merged with a file and ``KEY VALUE`` overrides; ``MODEL.FCOS.NUM_CLASSES`` follows the data
-unless the user set it; a CUDA ``MODEL.DEVICE`` on a machine without CUDA falls back to the CPU; and an
-inference model loads every tensor of ``MODEL.WEIGHTS`` through ``FCOSCheckpointer``, with one clear
-error when the file is missing or does not hold a complete model (the checkpoint errors are mapped to
-one line by ``fcos.engine.cli``).
+What detectron2's ``engine.defaults`` does for its tools, for FCOS: the config of a run is the
+project's full schema merged with a file and ``KEY VALUE`` overrides; ``MODEL.FCOS.NUM_CLASSES``
+follows the data unless the user set it; a CUDA ``MODEL.DEVICE`` on a machine without CUDA falls
+back to the CPU; and an inference model loads every tensor of ``MODEL.WEIGHTS`` through
+``FCOSCheckpointer``, with one clear error when the file is missing or does not hold a complete
+model (the checkpoint errors are mapped to one line by ``fcos.engine.cli``).
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 class FiniteLossMixin:
-    """For SimpleTrainer subclasses: stop on NaN/Inf head outputs or losses on all ranks, naming the iteration."""
+    """For SimpleTrainer subclasses: stop on NaN/Inf outputs or losses on all ranks, at one step."""
 
     iter: int
 
@@ -36,8 +36,8 @@ class FiniteLossMixin:
             super().run_step()  # type: ignore[misc]
         except NonFiniteLossError as err:
             raise NonFiniteLossError(
-                f"training diverged at iteration {self.iter}: {err}; stopped before the optimizer step, "
-                f"so the last checkpoint is intact. To fix: {DIVERGENCE_HINT}"
+                f"training diverged at iteration {self.iter}: {err}; stopped before the optimizer "
+                f"step, so the last checkpoint is intact. To fix: {DIVERGENCE_HINT}"
             ) from err
 
     def _write_metrics(self, loss_dict: Mapping[str, torch.Tensor], data_time: float, prefix: str = "") -> None:

@@ -5,9 +5,9 @@ could not run on a CPU machine at all. This keeps its interface (``num_gpus_per_
 per machine" on CPU) and its conventions (``dist_url="auto"``, a per-machine local process group that
 ``detectron2.utils.comm.get_local_rank`` uses).
 
-An exception in a worker process reaches the launching process as the exception itself (when it can be
-pickled), chained to torch's ``ProcessRaisedException`` that carries the worker's traceback text, so
-the command line reports a worker's bad input or divergence the same way as in a one-process run.
+An exception in a worker process reaches the launching process as the exception itself (when it can
+be pickled), chained to torch's ``ProcessRaisedException`` that carries the worker's traceback text,
+so the command line reports a worker's bad input or divergence the same way as in a one-process run.
 """
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ def launch(
         mp.spawn(
             _distributed_worker,
             nprocs=num_gpus_per_machine,
-            args=(main_func, backend, world_size, num_gpus_per_machine, machine_rank, dist_url, tuple(args),
-                  timeout, errors),
+            args=(main_func, backend, world_size, num_gpus_per_machine, machine_rank, dist_url,
+                  tuple(args), timeout, errors),
             daemon=False,
         )
     except mp.ProcessRaisedException as failure:
@@ -90,7 +90,7 @@ def launch(
 
 
 def _first_forwarded(errors: Any) -> BaseException | None:
-    """The first exception a worker put on ``errors``, or None (nothing sent, or it cannot be unpickled)."""
+    """The first exception a worker put on ``errors``; None if none was sent or it is unreadable."""
     try:
         return None if errors.empty() else errors.get()
     except Exception:
@@ -136,7 +136,7 @@ def _distributed_worker(
         try:
             errors.put(error)
         except Exception:
-            pass  # not picklable: the launching process reports torch's ProcessRaisedException instead
+            pass  # not picklable: the launching process reports torch's ProcessRaisedException
         raise
     finally:
         dist.destroy_process_group()

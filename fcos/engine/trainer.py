@@ -145,7 +145,7 @@ class FCOSTrainer(DefaultTrainer):
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
             proposal_files=None,
         )
-        dataset = drop_degenerate_boxes(dataset, cfg.DATASETS.TRAIN, strict=cfg.DATASETS.STRICT_BOXES)
+        dataset = drop_degenerate_boxes(dataset, cfg.DATASETS.TRAIN, cfg.DATASETS.STRICT_BOXES)
         return build_detection_train_loader(cfg, dataset=dataset)
 
     @classmethod
