@@ -123,7 +123,8 @@ BROKEN: dict[str, tuple[Callable[[Path, Path], None], str]] = {
 
 
 # The annotation file itself cannot be read: nothing to check, one line and exit status 2.
-UNREADABLE = {"not COCO: array", "not COCO: missing key", "not COCO: wrong type", "truncated JSON", "missing JSON"}
+UNREADABLE = {"not COCO: array", "not COCO: missing key", "not COCO: wrong type", "truncated JSON",
+              "missing JSON"}
 DEGENERATE = {"zero-size box", "negative-size box", "box outside"}
 
 
@@ -154,7 +155,9 @@ def test_degenerate_boxes_are_one_warning_naming_a_few(dataset: tuple[Path, Path
         d["annotations"][0]["bbox"] = [5, 5, 0, 3]  # zero width
         d["annotations"][1]["bbox"] = [1, 1, 4, -2]  # negative height
         d["annotations"][2]["bbox"] = [20, 0, 5, 5]  # right of the 20 px wide b.jpg
-        d["annotations"] += [dict(d["annotations"][1], id=10 + i, bbox=[0, 10, 3, 3]) for i in range(2)]  # below
+        # two more below b.jpg
+        d["annotations"] += [dict(d["annotations"][1], id=10 + i, bbox=[0, 10, 3, 3])
+                             for i in range(2)]
 
     _write(ann, edit)
     report = check_coco_dataset(ann, images)
@@ -164,7 +167,8 @@ def test_degenerate_boxes_are_one_warning_naming_a_few(dataset: tuple[Path, Path
         f"{ann}: 5 degenerate box(es) with no area inside their image, which training drops: "
         "annotations[0] (id 1, image a.jpg).bbox [5, 5, 0, 3]: zero or negative size; "
         "annotations[1] (id 2, image b.jpg).bbox [1, 1, 4, -2]: zero or negative size; "
-        "annotations[2] (id 3, image b.jpg).bbox [20, 0, 5, 5]: entirely outside the 20x10 image; and 2 more "
+        "annotations[2] (id 3, image b.jpg).bbox [20, 0, 5, 5]: entirely outside the 20x10 image; "
+        "and 2 more "
         "(DATASETS.STRICT_BOXES True / dataset/check.py --strict refuse them)"
     ]
     # Both images lost their only boxes: training sees them as images without annotations.
@@ -178,7 +182,8 @@ def test_missing_image_folder_is_one_line(dataset: tuple[Path, Path], capsys) ->
     ann, images = dataset
     assert main(["--ann_file", str(ann), "--image_dir", str(images / "nope")]) == 2
     captured = capsys.readouterr()
-    assert captured.err == f"check: error: {images / 'nope'}: not a folder (--image_dir)\n" and captured.out == ""
+    assert captured.err == f"check: error: {images / 'nope'}: not a folder (--image_dir)\n"
+    assert captured.out == ""
 
 
 def test_warnings_alone_exit_0(dataset: tuple[Path, Path]) -> None:

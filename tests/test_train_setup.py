@@ -166,7 +166,7 @@ def test_bad_training_data_is_a_clear_error_before_training(tmp_path: Path, cata
 
 
 def _with_degenerate_boxes(tmp_path: Path, catalog: List[str]) -> tuple[List[str], Path]:
-    """Custom-data argv whose training JSON has a zero-width, a negative-height and an outside box."""
+    """Custom-data argv whose training JSON has a zero-width, negative-height and outside box."""
     argv = _custom_argv(tmp_path, catalog)
     ann_file = Path(argv[argv.index("--ann_file_train") + 1])
     ann = json.loads(ann_file.read_text())
@@ -185,11 +185,14 @@ def test_degenerate_boxes_are_one_warning_and_training_keeps_the_rest(
         cfg = _setup(argv)
         dicts = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
         drop_degenerate_boxes(dicts, cfg.DATASETS.TRAIN)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "degenerate box(es)" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno >= logging.WARNING and "degenerate box(es)" in r.getMessage()]
     assert len(warnings) == 1
-    assert warnings[0].startswith(f"{ann_file}: 3 degenerate box(es) with no area inside their image")
-    assert "annotations[1] (id 2, image 0.png).bbox [5.0, 5.0, 0.0, 10.0]: zero or negative size" in warnings[0]
-    assert "annotations[3] (id 4, image 1.png).bbox [70.0, 0.0, 5.0, 5.0]: entirely outside the 64x64 image" in warnings[0]
+    warning = warnings[0]
+    assert warning.startswith(f"{ann_file}: 3 degenerate box(es) with no area inside their image")
+    assert "annotations[1] (id 2, image 0.png).bbox [5.0, 5.0, 0.0, 10.0]: zero or" in warning
+    assert ("annotations[3] (id 4, image 1.png).bbox [70.0, 0.0, 5.0, 5.0]: entirely outside the "
+            "64x64 image") in warning
     # 2 images x 2 boxes, 3 degenerate: the loader keeps image 0's first box only.
     assert [len(d["annotations"]) for d in dicts] == [1, 0]
 
@@ -199,7 +202,8 @@ def test_strict_boxes_refuses_the_dataset(tmp_path: Path, catalog: List[str]) ->
     with pytest.raises(SetupError) as err:
         _setup(argv + ["DATASETS.STRICT_BOXES", "True"])
     assert str(ann_file) in str(err.value)
-    assert "annotations[2] (id 3, image 1.png).bbox [30.0, 30.0, 10.0, -4.0]: zero or negative size" in str(err.value)
+    message = str(err.value)
+    assert "annotations[2] (id 3, image 1.png).bbox [30.0, 30.0, 10.0, -4.0]: zero or" in message
     assert "3 error(s)" in str(err.value)
 
 
@@ -226,7 +230,8 @@ def test_degenerate_boxes_are_dropped_with_a_count(caplog: pytest.LogCaptureFixt
     assert [len(r["annotations"]) for r in kept] == [1, 1]
     assert kept[1]["annotations"][0]["bbox"] == [0, 40, 10, 8]
     assert "Dropped 3 degenerate box(es)" in caplog.text
-    with pytest.raises(DatasetError, match=r"3 training box\(es\) in \['toy'\].* a box \[10, 10, 0, 20\]: zero"):
+    expected = r"3 training box\(es\) in \['toy'\].* a box \[10, 10, 0, 20\]: zero"
+    with pytest.raises(DatasetError, match=expected):
         drop_degenerate_boxes(dicts, ["toy"], strict=True)
 
 

@@ -212,19 +212,22 @@ def test_convert_raises_when_nothing_is_usable(voc: Path) -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--labels", "{voc}/missing.txt"], "{voc}/missing.txt: cannot read the labels file: No such file"),
-        (["--split", "test"], "{voc}/ImageSets/Main/test.txt: cannot read the split file: No such file"),
+        (["--labels", "{voc}/missing.txt"],
+         "{voc}/missing.txt: cannot read the labels file: No such file"),
+        (["--split", "test"],
+         "{voc}/ImageSets/Main/test.txt: cannot read the split file: No such file"),
         (["--labels", "{voc}/dup.txt"], "{voc}/dup.txt: label 3 'cat' is listed twice"),
     ],
 )
-def test_unrecoverable_input_is_one_line_and_exit_2(voc: Path, tmp_path: Path, capsys, args: list[str],
-                                                     message: str) -> None:
+def test_unrecoverable_input_is_one_line_and_exit_2(voc: Path, tmp_path: Path, capsys,
+                                                     args: list[str], message: str) -> None:
     (voc / "dup.txt").write_text("cat\ndog\ncat\n")
     out = tmp_path / "x.json"
     rc = main(["--voc_root", str(voc), "--output", str(out)] + [a.format(voc=voc) for a in args])
     assert rc == 2
     err = capsys.readouterr().err
-    assert err.startswith("voc2coco: error: " + message.format(voc=voc)) and len(err.splitlines()) == 1
+    assert err.startswith("voc2coco: error: " + message.format(voc=voc))
+    assert len(err.splitlines()) == 1
     assert not out.exists()
 
 
