@@ -7,8 +7,10 @@
         --ann_file_val b.json --image_dir_val imgs/                              # your data
     python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
 
-Data problems (missing COCO folder, bad annotation files, NUM_CLASSES that disagrees with the data) are
-found here, in the launching process, before any worker starts or any iteration runs.
+Config and data problems (a missing or mistyped config key, a missing COCO folder, bad annotation
+files, NUM_CLASSES that disagrees with the data) are found here, in the launching process, before
+any worker starts or any iteration runs. Every bad input ends the run with one line and exit status
+2, a diverging run with exit status 1 (``fcos.engine.cli``; ``FCOS_DEBUG=1`` shows the traceback).
 """
 from __future__ import annotations
 
@@ -28,14 +30,10 @@ from detectron2.engine import DefaultTrainer, default_argument_parser, default_s
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from fcos import FCOSCheckpointer, FCOSConfigError  # noqa: E402
-from fcos.checkpoint import (  # noqa: E402
-    CheckpointMismatchError,
-    check_weights_file,
-    scratch_advice,
-)
-from fcos.data.common import DatasetError  # noqa: E402
-from fcos.engine.config import SetupError, get_fcos_cfg  # noqa: E402
+from fcos import FCOSCheckpointer  # noqa: E402
+from fcos.checkpoint import check_weights_file, scratch_advice  # noqa: E402
+from fcos.engine.cli import quiet_expected_errors, run  # noqa: E402
+from fcos.engine.config import SetupError, get_fcos_cfg, merge_config  # noqa: E402
 from fcos.engine.datasets import (  # noqa: E402
     apply_sizes_from_data,
     check_datasets_exist,
@@ -49,8 +47,7 @@ from fcos.engine.datasets import (  # noqa: E402
 from fcos.engine.curves import archive_previous_metrics  # noqa: E402
 from fcos.engine.defaults import resolve_device  # noqa: E402
 from fcos.engine.evaluation import format_ap_table  # noqa: E402
-from fcos.engine.hooks import NonFiniteLossError  # noqa: E402
-from fcos.engine.launch import LaunchError, launch  # noqa: E402
+from fcos.engine.launch import launch  # noqa: E402
 from fcos.engine.trainer import FCOSTrainer  # noqa: E402
 from fcos.file_io import copy_file_atomic  # noqa: E402
 
@@ -87,9 +84,7 @@ def _register_datasets(cfg: CfgNode, args: argparse.Namespace, check: bool) -> N
 def setup_config(args: argparse.Namespace, world_size: int) -> CfgNode:
     """The run's final, frozen config; checks the data and raises SetupError on any problem."""
     cfg = get_fcos_cfg()
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)
     _register_datasets(cfg, args, check=True)
     if not args.eval_only:
         check_datasets_exist(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
@@ -134,6 +129,7 @@ def _worker_setup(cfg: CfgNode, args: argparse.Namespace) -> None:
     _register_datasets(cfg, args, check=False)
     cfg.freeze()
     default_setup(cfg, args)
+    quiet_expected_errors()
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=PROJECT_LOGGER)
     if comm.is_main_process() and args.config_file:
         # config_my.yaml: the user's --config-file as given (config.yaml is the full merged config).
@@ -195,23 +191,20 @@ def main(cfg: CfgNode, args: argparse.Namespace) -> None:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse, check the config and data, then launch; user errors become one message and exit code 2."""
+    """Parse, check the config and data, then launch; returns the exit status (see above)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
     world_size = args.num_gpus * args.num_machines
-    try:
+
+    def setup_and_launch() -> int:
         cfg = setup_config(args, world_size)
         launch(
             main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url,
             args=(cfg, args), device=cfg.MODEL.DEVICE,
         )
-    except (SetupError, DatasetError, FCOSConfigError, CheckpointMismatchError, LaunchError) as err:
-        print(f"train_net.py: error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:
-        print(f"train_net.py: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return run("train_net.py", setup_and_launch)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Sequence
 
 from fcos.data.common import DatasetError
 from fcos.data.voc import DIFFICULT_POLICIES, convert, read_labels, read_lines, summary_table
+from fcos.engine.cli import run
 from fcos.file_io import write_json_atomic, write_text_atomic
 
 
@@ -76,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_ext", default=".jpg", help="image extension when <filename> is missing or has none; "
                         "the name then is the annotation stem plus this (default: %(default)s)")
     parser.add_argument("--strict", action="store_true",
-                        help="treat every skippable problem (bad object, malformed file) as an error: exit 1, "
-                        "write nothing")
+                        help="treat every skippable problem (bad object, malformed file) as an "
+                        "error: exit 2, write nothing")
     return parser
 
 
@@ -106,23 +107,26 @@ def labels_path_for(output: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 success, 1 error, nothing written on error)."""
+    """Command-line entry point; returns the exit status (0 success, 2 bad input: no output)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _validate_sources(parser, args)
     if args.extract_num_from_imgid:
         print("warning: --extract_num_from_imgid is ignored: image ids are 1..N in input order", file=sys.stderr)
+    return run("voc2coco", lambda: _convert(args))
+
+
+def _convert(args: argparse.Namespace) -> int:
+    """Convert and write; bad input raises DatasetError (a line per problem) and writes nothing."""
+    labels = read_labels(args.labels) if args.labels is not None else None
+    paths = annotation_paths(args)
     try:
-        labels = read_labels(args.labels) if args.labels is not None else None
-        paths = annotation_paths(args)
         result = convert(paths, labels, difficult=args.difficult, image_dir=args.image_dir,
                          image_ext=args.image_ext, strict=args.strict)
     except DatasetError as e:
-        for line in str(e).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        if args.strict:
-            print("error: nothing written (--strict)", file=sys.stderr)
-        return 1
+        if not args.strict:
+            raise
+        raise DatasetError(f"--strict: nothing written, because of:\n{e}") from e
     for problem in result.problems:
         print(f"skipped {problem.scope}: {problem}", file=sys.stderr)
     try:
@@ -130,8 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_text_atomic(labels_path_for(args.output), "".join(f"{name}\n" for name in result.labels))
         write_json_atomic(args.output, result.coco)
     except OSError as e:
-        print(f"error: {e.filename or args.output}: cannot write: {e.strerror or e}", file=sys.stderr)
-        return 1
+        raise DatasetError(f"{e.filename or args.output}: cannot write: {e.strerror or e}") from e
     print(summary_table(result))
     print(f"wrote {args.output}")
     if result.labels_inferred:

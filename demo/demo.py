@@ -4,11 +4,12 @@
         --input datasets/generated/shapes/val --output output/demo \
         --opts MODEL.WEIGHTS output/fcos_shapes/model_final.pth
 
-``--input`` takes files, folders (their images, sorted) and quoted glob patterns, in any mix. An input
-that is missing or cannot be read is reported by name and skipped; the run still processes the others
-and exits with status 1 at the end. detectron2's demo conventions otherwise: ``--confidence-threshold``,
-``--video-input``, ``--webcam``, ``--opts KEY VALUE ...`` (e.g. ``MODEL.DEVICE cpu``,
-``TEST.AUG.ENABLED True`` for test-time augmentation).
+``--input`` takes files, folders (their images, sorted) and quoted glob patterns, in any mix. An
+input that is missing or cannot be read is reported by name and skipped; the run still processes the
+others and exits with status 1 at the end. A bad config, key, weights file or ``--ann_file`` is one
+line and exit status 2 (``fcos.engine.cli``). detectron2's demo conventions otherwise:
+``--confidence-threshold``, ``--video-input``, ``--webcam``, ``--opts KEY VALUE ...`` (e.g.
+``MODEL.DEVICE cpu``, ``TEST.AUG.ENABLED True`` for test-time augmentation).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from PIL import Image
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from predictor import FCOSPredictor
 
-from fcos.data.common import DatasetError
+from fcos.engine.cli import run
 from fcos.engine.config import SetupError
 from fcos.engine.defaults import class_names, load_config
 from fcos.file_io import atomic_output, write_json_atomic
@@ -329,17 +330,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--video-input needs --output FILE (.mp4, .avi or .mkv)")
     if args.video_input and os.path.splitext(args.output)[1].lower() not in VIDEO_CODECS:
         parser.error(f"--output {args.output}: the video file name must end in one of {sorted(VIDEO_CODECS)}")
-    try:
-        cfg = load_config(args.config_file, args.opts, args.ann_file)
-        names = class_names(cfg, args.ann_file)
-        if args.input:
-            inputs = expand_inputs(args.input)
-            destinations = output_paths(inputs.files, args.output)
-            dataset = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
-            ids = CocoIds.from_sources(cfg.MODEL.FCOS.NUM_CLASSES, args.ann_file, dataset)
-        demo = Demo(cfg, names, args.confidence_threshold)
-    except (SetupError, DatasetError) as err:
-        parser.exit(2, f"demo.py: error: {err}\n")
+    return run("demo.py", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Build the model from the config and weights, then process the chosen source."""
+    cfg = load_config(args.config_file, args.opts, args.ann_file)
+    names = class_names(cfg, args.ann_file)
+    if args.input:
+        inputs = expand_inputs(args.input)
+        destinations = output_paths(inputs.files, args.output)
+        dataset = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
+        ids = CocoIds.from_sources(cfg.MODEL.FCOS.NUM_CLASSES, args.ann_file, dataset)
+    demo = Demo(cfg, names, args.confidence_threshold)
     if args.input:
         return 1 if run_images(demo, inputs, destinations, ids, args.json) else 0
     if args.video_input:

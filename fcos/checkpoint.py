@@ -6,6 +6,11 @@ between leaves a truncated file that ``--resume`` picks up and fails on. Here bo
 :func:`fcos.file_io.atomic_write`, ``last_checkpoint`` only after the checkpoint is complete, so a reader
 sees either the old state or the new one, never a partial file.
 
+Weights that became NaN or Inf are never saved (the last good checkpoint stays the last one), and a
+``--resume`` whose ``last_checkpoint`` names a missing or corrupt file is an error naming both files
+rather than a silent fallback to an older checkpoint (saves are atomic, so such a file was damaged
+outside this program and deserves a look).
+
 Loading accepts the checkpoint layouts of ``checkpoint_layouts`` (recognised by their keys, read without
 running pickled code), checks every shape before touching the model, skips a class head of another
 class count with one warning, and logs one table of what was loaded, skipped and missing.
@@ -25,7 +30,9 @@ from tabulate import tabulate
 from torch import Tensor, nn
 
 from .checkpoint_layouts import describe, read_checkpoint
+from .errors import DIVERGENCE_HINT, NonFiniteLossError
 from .file_io import atomic_write
+from .safe_pickle import CorruptCheckpointError
 
 LAST_CHECKPOINT_TAG = "last_checkpoint"
 
@@ -40,6 +47,10 @@ _MAX_LISTED_MISMATCHES = 3
 
 class CheckpointMismatchError(ValueError):
     """Checkpoint tensors that do not fit the model built from the config; names keys, shapes and cause."""
+
+
+class ResumeError(ValueError):
+    """``--resume`` cannot continue: ``last_checkpoint`` names a missing or corrupt file."""
 
 
 def scratch_advice(cfg: CfgNode) -> str:
@@ -233,6 +244,17 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def _check_finite_weights(state: Mapping[str, Tensor], name: str) -> None:
+    """Refuse to save NaN/Inf weights: such a checkpoint would replace the last good one."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteLossError(
+            f"model weights became NaN or Inf ({shown}); {name}.pth was not written, so the last "
+            f"checkpoint is the last good one. To fix: {DIVERGENCE_HINT}"
+        )
+
+
 class FCOSCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` with atomic saves and safe, layout-aware, shape-checked loading.
 
@@ -269,6 +291,31 @@ class FCOSCheckpointer(DetectionCheckpointer):
             # asserts it is unset on entry and does not reset it when the load raises.
             if hasattr(self, "_parsed_url_during_load"):
                 self._parsed_url_during_load = None
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        """fvcore's resume-or-load; ResumeError if last_checkpoint names a missing/corrupt file."""
+        if not (resume and self.has_checkpoint()):
+            return self.load(path, checkpointables=[])
+        last = self.get_checkpoint_file()
+        tag = os.path.join(self.save_dir, LAST_CHECKPOINT_TAG)
+        last_name = os.path.basename(last)
+        others = sorted(
+            (f for f in self.get_all_checkpoint_files() if os.path.basename(f) != last_name),
+            key=os.path.getmtime,
+        )
+        fix = (
+            f"write the name of an intact checkpoint into {tag}"
+            + (f" (the newest other one is {os.path.basename(others[-1])})" if others else "")
+            + ", or start over without --resume"
+        )
+        if not os.path.isfile(last):
+            raise ResumeError(f"--resume: {tag} names {last}, which does not exist; {fix}")
+        try:
+            return self.load(last)
+        except CorruptCheckpointError as e:
+            raise ResumeError(
+                f"--resume: {e}; {tag} names it as the checkpoint to resume from: {fix}"
+            ) from e
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         converted = read_checkpoint(
@@ -310,6 +357,7 @@ class FCOSCheckpointer(DetectionCheckpointer):
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
+        _check_finite_weights(data["model"], name)
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)

@@ -41,7 +41,7 @@ class Layout(str, Enum):
 
 
 class UnknownLayoutError(ValueError):
-    """The file's keys match none of the layouts in :class:`Layout`."""
+    """The file holds no state dict, or its keys match none of the layouts in :class:`Layout`."""
 
 
 @dataclass
@@ -61,7 +61,10 @@ class ConvertedCheckpoint:
 def _split_container(data: Any, path: str) -> Tuple[Mapping[str, Any], Dict[str, Any]]:
     """(weights, other entries) of a raw state dict, ``{"model": ...}``, ``{"state_dict": ...}`` or Caffe2 ``{"blobs": ...}``."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: expected a dict of tensors or {{'model': state_dict, ...}}, got {type(data).__name__}")
+        raise UnknownLayoutError(
+            f"{path}: expected a dict of tensors or {{'model': state_dict, ...}}, "
+            f"got {type(data).__name__}"
+        )
     for container in ("model", "state_dict", "blobs"):
         if isinstance(data.get(container), Mapping):
             return data[container], {k: v for k, v in data.items() if k != container}
@@ -74,7 +77,9 @@ def _as_tensors(weights: Mapping[str, Any], path: str) -> Dict[str, Tensor]:
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(value)
         if not isinstance(value, Tensor):
-            raise ValueError(f"{path}: weight {key!r} is a {type(value).__name__}, not a tensor or numpy array")
+            raise UnknownLayoutError(
+                f"{path}: weight {key!r} is a {type(value).__name__}, not a tensor or numpy array"
+            )
         tensors[key] = value
     return tensors
 

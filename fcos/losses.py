@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from fvcore.nn import giou_loss, sigmoid_focal_loss_jit
 from torch import Tensor
 
+from .errors import NonFiniteLossError
+
 EPS = torch.finfo(torch.float32).eps
 BOX_QUALITIES = ("ctrness", "iou")
 
@@ -51,6 +53,29 @@ def iou_loss(pred: Tensor, target: Tensor, loss_type: str) -> Tensor:
     if loss_type == "linear_iou":
         return 1.0 - iou
     raise ValueError(f"MODEL.FCOS.IOU_LOSS_TYPE: unknown loss {loss_type!r}; choose iou, linear_iou or giou")
+
+
+def check_finite_predictions(predictions: Dict[str, Tensor]) -> None:
+    """Raise NonFiniteLossError in every process when a prediction is NaN/Inf in any process.
+
+    Runs before the losses: fvcore's GIoU asserts ``x1 <= x2`` on the predicted boxes, which a NaN
+    fails with an unrelated-looking ``AssertionError``. One ``isfinite().all()`` per tensor; with
+    several processes one all-reduce of those flags (gloo/NCCL) makes every rank stop at the same
+    iteration instead of leaving the others waiting in the next gradient all-reduce.
+    """
+    flags = torch.stack([~t.detach().isfinite().all() for t in predictions.values()]).float()
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world_size > 1:
+        dist.all_reduce(flags)
+    if not bool(flags.any()):
+        return
+    bad = [
+        name if world_size == 1 else f"{name} (in {int(count)} of {world_size} processes)"
+        for name, count in zip(predictions, flags.tolist())
+        if count
+    ]
+    outputs = "output" if len(bad) == 1 else "outputs"
+    raise NonFiniteLossError(f"the head's {', '.join(bad)} {outputs} became NaN or Inf")
 
 
 def _synced_normalizer(value: Tensor, norm_sync: bool) -> float:
@@ -91,11 +116,18 @@ def fcos_losses(
             trains only the branch).
         box_reg_weights: the weights ``pred_deltas``/``gt_deltas`` are scaled by; the IoU target is
             taken on the decoded boxes (divided by them), which differs only for unequal weights.
+    Raises:
+        NonFiniteLossError: a prediction is NaN/Inf (see ``check_finite_predictions``).
     Returns:
         ``loss_cls``, ``loss_box_reg`` and ``loss_centerness`` ("ctrness") or ``loss_quality``
         ("iou"); with no foreground the last two are 0 but still depend on the predictions, so every
         parameter gets a (zero) gradient, as DDP requires.
     """
+    check_finite_predictions({
+        "class logits (cls_score)": pred_logits,
+        "box regression (bbox_pred)": pred_deltas,
+        "centerness": pred_centerness,
+    })
     foreground = gt_classes != num_classes
     num_foreground = _synced_normalizer(foreground.sum().to(torch.float32), norm_sync)
 

@@ -122,17 +122,68 @@ BROKEN: dict[str, tuple[Callable[[Path, Path], None], str]] = {
 }
 
 
+# The annotation file itself cannot be read: nothing to check, one line and exit status 2.
+UNREADABLE = {"not COCO: array", "not COCO: missing key", "not COCO: wrong type", "truncated JSON",
+              "missing JSON"}
+DEGENERATE = {"zero-size box", "negative-size box", "box outside"}
+
+
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_broken_dataset_fails_naming_file_and_field(dataset: tuple[Path, Path], capsys, case: str) -> None:
+    # --strict: degenerate boxes are errors too (without it they are one warning, see below).
     ann, images = dataset
     breakage, expected = BROKEN[case]
     breakage(ann, images)
-    assert main(["--ann_file", str(ann), "--image_dir", str(images)]) == 1
+    status = main(["--ann_file", str(ann), "--image_dir", str(images), "--strict"])
     expected = expected.format(ann=ann, images=images)
-    report = check_coco_dataset(ann, images)
+    report = check_coco_dataset(ann, images, strict_boxes=True)
     assert len(report.errors) == 1 and report.errors[0].startswith(expected), report.errors
-    out = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    if case in UNREADABLE:
+        assert status == 2 and not report.readable
+        assert captured.err == f"check: error: {report.errors[0]}\n" and captured.out == ""
+        return
+    assert status == 1 and report.readable
+    out = captured.out.splitlines()
     assert f"  {report.errors[0]}" in out and out[-1] == f"{ann}: FAILED: 1 error(s)"
+
+
+def test_degenerate_boxes_are_one_warning_naming_a_few(dataset: tuple[Path, Path], capsys) -> None:
+    ann, images = dataset
+
+    def edit(d: dict[str, Any]) -> None:
+        d["annotations"][0]["bbox"] = [5, 5, 0, 3]  # zero width
+        d["annotations"][1]["bbox"] = [1, 1, 4, -2]  # negative height
+        d["annotations"][2]["bbox"] = [20, 0, 5, 5]  # right of the 20 px wide b.jpg
+        # two more below b.jpg
+        d["annotations"] += [dict(d["annotations"][1], id=10 + i, bbox=[0, 10, 3, 3])
+                             for i in range(2)]
+
+    _write(ann, edit)
+    report = check_coco_dataset(ann, images)
+    assert report.ok and report.errors == []
+    degenerate = [w for w in report.warnings if "degenerate box" in w]
+    assert degenerate == [
+        f"{ann}: 5 degenerate box(es) with no area inside their image, which training drops: "
+        "annotations[0] (id 1, image a.jpg).bbox [5, 5, 0, 3]: zero or negative size; "
+        "annotations[1] (id 2, image b.jpg).bbox [1, 1, 4, -2]: zero or negative size; "
+        "annotations[2] (id 3, image b.jpg).bbox [20, 0, 5, 5]: entirely outside the 20x10 image; "
+        "and 2 more "
+        "(DATASETS.STRICT_BOXES True / dataset/check.py --strict refuse them)"
+    ]
+    # Both images lost their only boxes: training sees them as images without annotations.
+    assert report.summary["images_without_annotations"] == 2
+    assert main(["--ann_file", str(ann), "--image_dir", str(images)]) == 0
+    assert main(["--ann_file", str(ann), "--image_dir", str(images), "--strict"]) == 1
+    assert "FAILED: 5 error(s)" in capsys.readouterr().out
+
+
+def test_missing_image_folder_is_one_line(dataset: tuple[Path, Path], capsys) -> None:
+    ann, images = dataset
+    assert main(["--ann_file", str(ann), "--image_dir", str(images / "nope")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"check: error: {images / 'nope'}: not a folder (--image_dir)\n"
+    assert captured.out == ""
 
 
 def test_warnings_alone_exit_0(dataset: tuple[Path, Path]) -> None:

@@ -581,7 +581,8 @@ def test_convert_cli_refuses_unsafe_pickle_and_reports(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "tools/convert.py", str(pkl), str(out)], cwd=REPO, capture_output=True, text=True, timeout=120
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("tools/convert.py: error: ")
     assert "refused to unpickle posix.system" in proc.stderr and "--allow-unsafe-pickle" in proc.stderr
     assert not out.exists() and not marker.exists()
 

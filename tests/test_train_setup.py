@@ -3,6 +3,7 @@ bad-data errors, degenerate boxes, optimizer, backend choice, LR scaling, AP tab
 hidden rotation."""
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -28,6 +29,7 @@ from train_helpers import (
     simple_categories,
     write_coco,
 )
+from fcos.data.common import DatasetError
 from fcos.engine import evaluation, launch
 from fcos.engine.config import SetupError, get_fcos_cfg
 from fcos.engine.curves import archive_previous_metrics, plot_training_curves, read_metrics
@@ -200,16 +202,6 @@ def _break_unknown_category(ann: dict, image_dir: Path) -> str:
     return "unknown category id 42"
 
 
-def _break_zero_size_box(ann: dict, image_dir: Path) -> str:
-    ann["annotations"][1]["bbox"] = [5.0, 5.0, 0.0, 10.0]
-    return "zero or negative size"
-
-
-def _break_negative_size_box(ann: dict, image_dir: Path) -> str:
-    ann["annotations"][2]["bbox"] = [30.0, 30.0, 10.0, -4.0]
-    return "zero or negative size"
-
-
 def _break_not_coco(ann: dict, image_dir: Path) -> str:
     ann.clear()
     ann["items"] = []
@@ -218,8 +210,7 @@ def _break_not_coco(ann: dict, image_dir: Path) -> str:
 
 @pytest.mark.parametrize(
     "breaker",
-    [_break_missing_image, _break_unreadable_image, _break_unknown_category, _break_zero_size_box,
-     _break_negative_size_box, _break_not_coco],
+    [_break_missing_image, _break_unreadable_image, _break_unknown_category, _break_not_coco],
 )
 def test_bad_training_data_is_a_clear_error_before_training(tmp_path: Path, catalog: List[str], breaker) -> None:
     argv = _custom_argv(tmp_path, catalog)
@@ -233,6 +224,48 @@ def test_bad_training_data_is_a_clear_error_before_training(tmp_path: Path, cata
     assert str(ann_file) in str(err.value)
     # Nothing registered, not even the (valid) validation set.
     assert not set(catalog) & set(DatasetCatalog.list())
+
+
+def _with_degenerate_boxes(tmp_path: Path, catalog: List[str]) -> tuple[List[str], Path]:
+    """Custom-data argv whose training JSON has a zero-width, negative-height and outside box."""
+    argv = _custom_argv(tmp_path, catalog)
+    ann_file = Path(argv[argv.index("--ann_file_train") + 1])
+    ann = json.loads(ann_file.read_text())
+    ann["annotations"][1]["bbox"] = [5.0, 5.0, 0.0, 10.0]
+    ann["annotations"][2]["bbox"] = [30.0, 30.0, 10.0, -4.0]
+    ann["annotations"][3]["bbox"] = [70.0, 0.0, 5.0, 5.0]  # right of the 64 px wide image
+    ann_file.write_text(json.dumps(ann))
+    return argv, ann_file
+
+
+def test_degenerate_boxes_are_one_warning_and_training_keeps_the_rest(
+    tmp_path: Path, catalog: List[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    argv, ann_file = _with_degenerate_boxes(tmp_path, catalog)
+    with caplog.at_level(logging.INFO, logger="fcos.engine"):
+        cfg = _setup(argv)
+        dicts = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
+        drop_degenerate_boxes(dicts, cfg.DATASETS.TRAIN)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno >= logging.WARNING and "degenerate box(es)" in r.getMessage()]
+    assert len(warnings) == 1
+    warning = warnings[0]
+    assert warning.startswith(f"{ann_file}: 3 degenerate box(es) with no area inside their image")
+    assert "annotations[1] (id 2, image 0.png).bbox [5.0, 5.0, 0.0, 10.0]: zero or" in warning
+    assert ("annotations[3] (id 4, image 1.png).bbox [70.0, 0.0, 5.0, 5.0]: entirely outside the "
+            "64x64 image") in warning
+    # 2 images x 2 boxes, 3 degenerate: the loader keeps image 0's first box only.
+    assert [len(d["annotations"]) for d in dicts] == [1, 0]
+
+
+def test_strict_boxes_refuses_the_dataset(tmp_path: Path, catalog: List[str]) -> None:
+    argv, ann_file = _with_degenerate_boxes(tmp_path, catalog)
+    with pytest.raises(SetupError) as err:
+        _setup(argv + ["DATASETS.STRICT_BOXES", "True"])
+    assert str(ann_file) in str(err.value)
+    message = str(err.value)
+    assert "annotations[2] (id 3, image 1.png).bbox [30.0, 30.0, 10.0, -4.0]: zero or" in message
+    assert "3 error(s)" in str(err.value)
 
 
 def test_json_that_is_not_json_is_a_clear_error(tmp_path: Path, catalog: List[str]) -> None:
@@ -252,12 +285,15 @@ def test_degenerate_boxes_are_dropped_with_a_count(caplog: pytest.LogCaptureFixt
          "annotations": [anno([10, 10, 20, 20]), anno([10, 10, 0, 20]), anno([70, 10, 5, 5])]},
         {"file_name": "b", "width": 64, "height": 48, "annotations": [anno([0, 40, 10, 8]), anno([5, 48, 4, 4])]},
     ]
-    with caplog.at_level(logging.WARNING, logger="fcos.engine.datasets"):
-        kept = drop_degenerate_boxes(dicts, ["toy"])
+    with caplog.at_level(logging.INFO, logger="fcos.engine.datasets"):
+        kept = drop_degenerate_boxes(copy.deepcopy(dicts), ["toy"])
     # Zero width; entirely right of x=64; entirely below y=48 -> 3 removed, 2 kept.
     assert [len(r["annotations"]) for r in kept] == [1, 1]
     assert kept[1]["annotations"][0]["bbox"] == [0, 40, 10, 8]
-    assert "Removed 3 degenerate boxes" in caplog.text
+    assert "Dropped 3 degenerate box(es)" in caplog.text
+    expected = r"3 training box\(es\) in \['toy'\].* a box \[10, 10, 0, 20\]: zero"
+    with pytest.raises(DatasetError, match=expected):
+        drop_degenerate_boxes(dicts, ["toy"], strict=True)
 
 
 # --- optimizer, processes, learning rate ---------------------------------------------------------------------
@@ -401,7 +437,7 @@ class _LossAt(nn.Module):
 def test_nan_loss_stops_with_the_iteration_before_the_step() -> None:
     model = _LossAt(bad_iter=3)
     trainer = FiniteLossTrainer(model, iter(range(100)), torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(NonFiniteLossError, match=r"iteration 3 .*'loss_a': nan"):
+    with pytest.raises(NonFiniteLossError, match=r"iteration 3: .*'loss_a': nan"):
         trainer.train(0, 10)
     # Three SGD steps on w^2 (w <- w - 0.1 * 2w = 0.8 w), none at iteration 3.
     assert model.w.item() == pytest.approx(0.8**3)

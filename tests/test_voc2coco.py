@@ -141,9 +141,10 @@ def test_strict_fails_with_one_line_per_problem_and_writes_nothing(voc: Path, tm
     out.write_text("previous content")
     rc = main(["--voc_root", str(voc), "--labels", str(voc / "labels.txt"), "--output", str(out), "--strict"])
     err = capsys.readouterr().err.splitlines()
-    assert rc == 1
-    assert f"error: {voc}/Annotations/0005.xml: <object>[1]/<bndbox>/<xmax> (12) < <xmin> (40)" in err
-    assert len(err) == 5 and err[-1] == "error: nothing written (--strict)"
+    assert rc == 2
+    assert err[0] == "voc2coco: error: --strict: nothing written, because of:"
+    assert f"  {voc}/Annotations/0005.xml: <object>[1]/<bndbox>/<xmax> (12) < <xmin> (40)" in err
+    assert len(err) == 5 and "Traceback" not in "\n".join(err)
     assert out.read_text() == "previous content"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["VOC", "train.json"]
 
@@ -211,17 +212,22 @@ def test_convert_raises_when_nothing_is_usable(voc: Path) -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--labels", "{voc}/missing.txt"], "error: {voc}/missing.txt: cannot read the labels file: No such file"),
-        (["--split", "test"], "error: {voc}/ImageSets/Main/test.txt: cannot read the split file: No such file"),
-        (["--labels", "{voc}/dup.txt"], "error: {voc}/dup.txt: label 3 'cat' is listed twice"),
+        (["--labels", "{voc}/missing.txt"],
+         "{voc}/missing.txt: cannot read the labels file: No such file"),
+        (["--split", "test"],
+         "{voc}/ImageSets/Main/test.txt: cannot read the split file: No such file"),
+        (["--labels", "{voc}/dup.txt"], "{voc}/dup.txt: label 3 'cat' is listed twice"),
     ],
 )
-def test_unrecoverable_input_exits_1(voc: Path, tmp_path: Path, capsys, args: list[str], message: str) -> None:
+def test_unrecoverable_input_is_one_line_and_exit_2(voc: Path, tmp_path: Path, capsys,
+                                                     args: list[str], message: str) -> None:
     (voc / "dup.txt").write_text("cat\ndog\ncat\n")
     out = tmp_path / "x.json"
     rc = main(["--voc_root", str(voc), "--output", str(out)] + [a.format(voc=voc) for a in args])
-    assert rc == 1
-    assert capsys.readouterr().err.startswith(message.format(voc=voc))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("voc2coco: error: " + message.format(voc=voc))
+    assert len(err.splitlines()) == 1
     assert not out.exists()
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
 from typing import List, Optional
 
 import torch
 
 from fcos.checkpoint_layouts import describe, read_checkpoint
+from fcos.engine.cli import run
+from fcos.engine.config import SetupError
 from fcos.file_io import atomic_write
 
 
@@ -36,8 +37,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def convert(input_path: str, output_path: str, *, allow_unsafe_pickle: bool = False) -> str:
     """Convert ``input_path`` and write ``output_path`` atomically; returns a one-line description."""
-    if os.path.abspath(input_path) == os.path.abspath(output_path):
-        raise ValueError(f"{output_path}: output must differ from the input file")
     converted = read_checkpoint(input_path, allow_unsafe_pickle=allow_unsafe_pickle)
     payload = {"model": converted.state_dict, "__author__": f"tools/convert.py from {converted.layout.name} layout"}
     atomic_write(output_path, lambda f: torch.save(payload, f))
@@ -45,16 +44,21 @@ def convert(input_path: str, output_path: str, *, allow_unsafe_pickle: bool = Fa
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Exit status 0, or 2 with one line for a missing, unreadable, unsafe or unrecognised input."""
     args = _parser().parse_args(argv)
-    if not os.path.isfile(args.input):
-        print(f"error: {args.input}: no such file (see pretrained_weights/README.md)", file=sys.stderr)
-        return 2
-    try:
-        print(convert(args.input, args.output, allow_unsafe_pickle=args.allow_unsafe_pickle))
-    except (ValueError, OSError, RuntimeError, pickle.UnpicklingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+
+    def convert_file() -> int:
+        if not os.path.isfile(args.input):
+            raise SetupError(f"{args.input}: no such file (see pretrained_weights/README.md)")
+        if os.path.abspath(args.input) == os.path.abspath(args.output):
+            raise SetupError(f"{args.output}: output must differ from the input file")
+        try:
+            print(convert(args.input, args.output, allow_unsafe_pickle=args.allow_unsafe_pickle))
+        except OSError as e:
+            raise SetupError(f"{e.filename or args.output}: {e.strerror or e}") from e
+        return 0
+
+    return run("tools/convert.py", convert_file)
 
 
 if __name__ == "__main__":

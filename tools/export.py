@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from export_postprocess import METADATA_FORMAT, METADATA_VERSION, metadata_path
 from fcos import FCOS
 from fcos.deform_conv import ONNX_DEFORM_CONV_OPSET, ModulatedDeformConv2d, register_onnx_deform_conv
+from fcos.engine.cli import run
 from fcos.engine.config import SetupError
 from fcos.engine.defaults import build_inference_model, class_names, load_config
 from fcos.file_io import atomic_output, write_text_atomic
@@ -109,7 +110,7 @@ def example_input(size_divisibility: int, height: int, width: int) -> Tensor:
     return torch.rand((1, 3, height, width), generator=generator) * 255.0
 
 
-class ExportSettingsError(ValueError):
+class ExportSettingsError(SetupError):
     """A model/format/opset combination that cannot be exported; the message names the switch."""
 
 
@@ -220,17 +221,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def export() -> int:
         # Traced on the CPU: the graph holds no device-specific tensors, and the runtimes load it anywhere.
         cfg = load_config(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu"], args.ann_file)
         model = build_inference_model(cfg)
         names = class_names(cfg, args.ann_file)
         check_exportable(model, args.format, args.opset)
-    except (SetupError, ExportSettingsError, OSError) as err:
-        parser.exit(2, f"tools/export.py: error: {err}\n")
-    meta_file = export_model(cfg, model, args.format, args.output, names, args.opset)
-    print(f"wrote {args.output} and {meta_file}")
-    return 0
+        meta_file = export_model(cfg, model, args.format, args.output, names, args.opset)
+        print(f"wrote {args.output} and {meta_file}")
+        return 0
+
+    return run("tools/export.py", export)
 
 
 if __name__ == "__main__":

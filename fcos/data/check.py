@@ -8,13 +8,17 @@ unrelated-looking crash (a KeyError in the loader, a size mismatch on one image,
 zero-size box) or, worse, silently trains on the wrong data.
 
 Errors are what breaks detectron2 or makes the data wrong: a file that is not COCO JSON, missing or
-unreadable images, image sizes that disagree with the file (detectron2 stops on those), boxes of zero or
-negative size or entirely outside their image, unknown category or image ids, duplicate ids,
-``ignore: 1`` (detectron2's loader rejects it). Warnings are what works but deserves a look: boxes that
-stick out of their image (detectron2 clips them), category ids that are not 1..K (detectron2 maps
-them), images without annotations (what happens to them depends on the config:
-``train_net.py`` passes its own ``empty_images_note``), annotations without ``area`` (COCO
-evaluation needs it).
+unreadable images, image sizes that disagree with the file (detectron2 stops on those), unknown
+category or image ids, duplicate ids, ``ignore: 1`` (detectron2's loader rejects it). Warnings are
+what works but deserves a look: boxes that stick out of their image (detectron2 clips them),
+category ids that are not 1..K (detectron2 maps them), images without annotations (what happens to
+them depends on the config: ``train_net.py`` passes its own ``empty_images_note``), annotations
+without ``area`` (COCO evaluation needs it).
+
+Degenerate boxes (no area inside their image: zero or negative size, or entirely outside it; see
+:func:`degenerate_box`) are mis-clicks that real datasets have a few of. Training drops them, so by
+default they are ONE warning that counts them and names a few; ``strict_boxes`` (``--strict``,
+``DATASETS.STRICT_BOXES True``) makes each of them an error, which refuses the dataset.
 
 The default reads only image headers (size and EXIF orientation), which is fast; ``--full`` decodes
 every image and so also finds truncated files.
@@ -42,6 +46,26 @@ EMPTY_IMAGES_NOTE = (
 
 # Box coordinates may exceed the image by float rounding without being wrong.
 _OUTSIDE_TOLERANCE = 1e-3
+# How many degenerate boxes the one warning names.
+_NAMED_DEGENERATE = 3
+
+
+def degenerate_box(
+    x0: float, y0: float, x1: float, y1: float,
+    width: float | None = None, height: float | None = None,
+) -> str | None:
+    """Why an ``(x0, y0, x1, y1)`` box has no area inside its ``width`` x ``height`` image, or None.
+
+    The one definition of "degenerate", shared by this checker and training's loader (which drops
+    such boxes): they give FCOS no positive location and a zero-size regression target.
+    """
+    if x1 <= x0 or y1 <= y0:
+        return "zero or negative size"
+    if width is None or height is None:
+        return None
+    if x0 >= width or y0 >= height or x1 <= 0 or y1 <= 0:
+        return f"entirely outside the {width}x{height} image"
+    return None
 
 
 @dataclass
@@ -54,6 +78,8 @@ class Report:
     """
 
     ann_file: str
+    # False when the file itself could not be read as COCO JSON (``errors`` then says why).
+    readable: bool = True
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +126,7 @@ def check_coco_dataset(
     ann_file: str | Path,
     image_dir: str | Path,
     read_images: ReadImages = "header",
+    strict_boxes: bool = False,
     empty_images_note: str = EMPTY_IMAGES_NOTE,
     strides: Sequence[int] = (),
 ) -> Report:
@@ -109,11 +136,13 @@ def check_coco_dataset(
     reads each header for the size, ``True`` decodes every image completely. ``empty_images_note``
     ends the warning about images without annotations: what the caller's config does with them.
     With ``strides`` (the FCOS levels of a config) the report suggests input sizes and level ranges.
+    ``strict_boxes``: each degenerate box is an error instead of being counted in one warning.
     """
     report = Report(str(ann_file))
     data = _load_json(report)
+    report.readable = data is not None
     if data is not None:
-        _Checker(report, data, Path(image_dir), read_images, empty_images_note).run()
+        _Checker(report, data, Path(image_dir), read_images, strict_boxes, empty_images_note).run()
         report.sizes = size_stats(data)
         report.strides = tuple(strides)
         report.suggestion = suggest_sizes(report.sizes, strides) if strides else None
@@ -167,12 +196,15 @@ class _Checker:
     """Runs the per-record checks of one loaded COCO dict, appending to one report."""
 
     def __init__(self, report: Report, data: dict[str, Any], image_dir: Path,
-                 read_images: ReadImages, empty_images_note: str = EMPTY_IMAGES_NOTE):
+                 read_images: ReadImages, strict_boxes: bool,
+                 empty_images_note: str = EMPTY_IMAGES_NOTE):
         self.report = report
         self.empty_images_note = empty_images_note
         self.data = data
         self.image_dir = image_dir
         self.read_images = read_images
+        self.strict_boxes = strict_boxes
+        self.degenerate: list[str] = []  # "<where>.bbox [...]: <reason>" of each degenerate box
         self.name = report.ann_file
         self.categories: dict[int, str] = {}
         self.images: dict[Any, tuple[int, dict[str, Any]]] = {}  # image id -> (index, record)
@@ -294,6 +326,7 @@ class _Checker:
                 without_area += 1
             per_category[category_id] += 1
             annotated.add(image_id)
+        self._report_degenerate()
         if outside:
             self.report.warnings.append(f"{self.name}: {len(outside)} box(es) extend beyond their image, e.g. "
                                         f"{outside[0]}; detectron2 clips them")
@@ -304,18 +337,31 @@ class _Checker:
         self.report.summary["categories"] = {self.categories[c]: per_category[c] for c in sorted(self.categories)}
         return annotated
 
+    def _report_degenerate(self) -> None:
+        """Each degenerate box as an error (strict), or all of them as one warning naming a few."""
+        if self.strict_boxes:
+            for line in self.degenerate:
+                self.error(line)
+            return
+        if self.degenerate:
+            named = "; ".join(self.degenerate[:_NAMED_DEGENERATE])
+            more = len(self.degenerate) - _NAMED_DEGENERATE
+            self.report.warnings.append(
+                f"{self.name}: {len(self.degenerate)} degenerate box(es) with no area inside their "
+                f"image, which training drops: {named}" + (f"; and {more} more" if more > 0 else "")
+                + " (DATASETS.STRICT_BOXES True / dataset/check.py --strict refuse them)"
+            )
+
     def _check_box(self, bbox: object, where: str, image: dict[str, Any]) -> Literal["ok", "sticks out", "bad"]:
-        """Validate one ``[x, y, w, h]`` box against its image; errors are recorded here."""
+        """Check one ``[x, y, w, h]`` box against its image; records errors and degenerate boxes."""
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
             self.error(f"{where}.bbox: expected [x, y, width, height] of finite numbers, got {bbox!r}")
             return "bad"
         x, y, w, h = bbox
-        if w <= 0 or h <= 0:
-            self.error(f"{where}.bbox {bbox}: zero or negative size")
-            return "bad"
         width, height = image["width"], image["height"]
-        if x >= width or y >= height or x + w <= 0 or y + h <= 0:
-            self.error(f"{where}.bbox {bbox}: entirely outside the {width}x{height} image")
+        reason = degenerate_box(x, y, x + w, y + h, width, height)
+        if reason is not None:
+            self.degenerate.append(f"{where}.bbox {bbox}: {reason}")
             return "bad"
         tol = _OUTSIDE_TOLERANCE
         if x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:

@@ -25,8 +25,8 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import BoxMode
 
 from fcos.data import shapes
-from fcos.data.check import check_coco_dataset
-from fcos.data.common import coco_category_names
+from fcos.data.check import check_coco_dataset, degenerate_box
+from fcos.data.common import DatasetError, coco_category_names
 from fcos.data.sizes import SizeStats, size_stats, suggest_sizes
 
 from .config import SetupError, get_fcos_cfg
@@ -80,14 +80,17 @@ def empty_images_note(split: str, filter_empty: bool) -> str:
     return "they train as images without objects (DATALOADER.FILTER_EMPTY_ANNOTATIONS is False)"
 
 
-def check_custom_dataset(dataset: CustomDataset, empty_note: str) -> None:
+def check_custom_dataset(dataset: CustomDataset, empty_note: str, strict_boxes: bool = False) -> None:
     """Run the dataset checker (image headers only: fast) and turn its errors into one exception.
 
-    Catches non-COCO JSON, missing/unreadable images, unknown category ids and zero/negative boxes
-    before minutes of model building and training are spent. The checker's messages already name the
-    file; ``empty_note`` says what the run does with images without annotations.
+    Catches non-COCO JSON, missing/unreadable images and unknown category ids before minutes of
+    model building and training are spent. The checker's messages already name the file;
+    ``empty_note`` says what the run does with images without annotations. Degenerate boxes are one
+    warning (the loader drops them), or errors with ``strict_boxes`` (``DATASETS.STRICT_BOXES``).
     """
-    report = check_coco_dataset(dataset.ann_file, dataset.image_dir, empty_images_note=empty_note)
+    report = check_coco_dataset(
+        dataset.ann_file, dataset.image_dir, strict_boxes=strict_boxes, empty_images_note=empty_note
+    )
     if not report.ok:
         raise SetupError(f"dataset {dataset.name!r} is not usable:\n{report.format()}")
     for warning in report.warnings:
@@ -122,7 +125,7 @@ def use_custom_datasets(
         for split, dataset in (("train", train), ("val", val)):
             if dataset is not None:
                 note = empty_images_note(split, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-                check_custom_dataset(dataset, note)
+                check_custom_dataset(dataset, note, strict_boxes=cfg.DATASETS.STRICT_BOXES)
     for dataset in given:
         register_custom_dataset(dataset)
     if train is not None:
@@ -235,29 +238,36 @@ def resolve_num_classes(cfg: CfgNode, names: Sequence[str], explicit: bool) -> N
     cfg.MODEL.FCOS.NUM_CLASSES = count
 
 
-def drop_degenerate_boxes(dataset_dicts: List[dict], dataset_names: Sequence[str]) -> List[dict]:
-    """Remove annotations whose box has no area inside its image, and log how many were removed.
+def drop_degenerate_boxes(
+    dataset_dicts: List[dict], dataset_names: Sequence[str], strict: bool = False
+) -> List[dict]:
+    """Remove annotations whose box has no area inside its image (``fcos.data.check``'s test).
 
-    Such boxes give no positive location and, left in, a zero-size target; removing them is safe, but
-    the count is logged because many of them usually mean broken annotations.
+    Custom datasets were checked before training, which warned about these boxes by annotation id,
+    so the count here is logged at INFO level. With ``strict`` (``DATASETS.STRICT_BOXES``) any such
+    box is a DatasetError instead, for datasets the checker does not see (COCO, the embedded data).
     """
-    removed = 0
+    removed: List[str] = []
     for record in dataset_dicts:
         kept = []
         for anno in record.get("annotations", []):
-            x0, y0, x1, y1 = BoxMode.convert(list(anno["bbox"]), anno["bbox_mode"], BoxMode.XYXY_ABS)
-            if "width" in record and "height" in record:
-                x0, x1 = max(x0, 0.0), min(x1, float(record["width"]))
-                y0, y1 = max(y0, 0.0), min(y1, float(record["height"]))
-            if x1 > x0 and y1 > y0:
+            box = BoxMode.convert(list(anno["bbox"]), anno["bbox_mode"], BoxMode.XYXY_ABS)
+            reason = degenerate_box(*box, record.get("width"), record.get("height"))
+            if reason is None:
                 kept.append(anno)
             else:
-                removed += 1
+                removed.append(f"{record.get('file_name', '?')} box {list(anno['bbox'])}: {reason}")
         if "annotations" in record:
             record["annotations"] = kept
+    if removed and strict:
+        raise DatasetError(
+            f"{len(removed)} training box(es) in {list(dataset_names)} have no area inside their "
+            f"image, e.g. {'; '.join(removed[:3])}; set DATASETS.STRICT_BOXES False to drop them"
+        )
     if removed:
-        logger.warning(
-            f"Removed {removed} degenerate boxes (zero or negative size inside the image) from {list(dataset_names)}"
+        logger.info(
+            f"Dropped {len(removed)} degenerate box(es) (no area inside their image) "
+            f"from {list(dataset_names)}"
         )
     return dataset_dicts
 

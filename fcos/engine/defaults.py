@@ -1,15 +1,15 @@
 """Config and model set-up shared by the applications (training, the demo, export).
 
-What detectron2's ``engine.defaults`` does for its tools, for FCOS: the config of a run is the project's
-full schema merged with a file and ``KEY VALUE`` overrides; ``MODEL.FCOS.NUM_CLASSES`` follows the data
-unless the user set it; a CUDA ``MODEL.DEVICE`` on a machine without CUDA falls back to the CPU; and an
-inference model loads every tensor of ``MODEL.WEIGHTS`` through ``FCOSCheckpointer``, with one clear
-error when the file is missing or does not hold a complete model.
+What detectron2's ``engine.defaults`` does for its tools, for FCOS: the config of a run is the
+project's full schema merged with a file and ``KEY VALUE`` overrides; ``MODEL.FCOS.NUM_CLASSES``
+follows the data unless the user set it; a CUDA ``MODEL.DEVICE`` on a machine without CUDA falls
+back to the CPU; and an inference model loads every tensor of ``MODEL.WEIGHTS`` through
+``FCOSCheckpointer``, with one clear error when the file is missing or does not hold a complete
+model (the checkpoint errors are mapped to one line by ``fcos.engine.cli``).
 """
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -18,13 +18,11 @@ from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from torch import nn
 
-from fcos.checkpoint import CheckpointMismatchError, FCOSCheckpointer, LoadReport, check_weights_file
-from fcos.checkpoint_layouts import UnknownLayoutError
+from fcos.checkpoint import FCOSCheckpointer, LoadReport, check_weights_file
 from fcos.data import shapes
 from fcos.data.common import coco_category_names
-from fcos.safe_pickle import UnsafeCheckpointError
 
-from .config import SetupError, get_fcos_cfg
+from .config import SetupError, get_fcos_cfg, merge_config
 from .datasets import num_classes_set_explicitly
 
 logger = logging.getLogger(__name__)
@@ -46,13 +44,8 @@ def load_config(config_file: str, opts: Sequence[str], ann_file: Optional[str] =
     of ``ann_file``) unless the config file or ``opts`` set it, so the config a model was trained with
     also builds it for inference; and a CUDA ``MODEL.DEVICE`` without CUDA falls back to the CPU.
     """
-    if not os.path.isfile(config_file):
-        raise SetupError(f"--config-file: {config_file} does not exist")
-    if len(opts) % 2:
-        raise SetupError(f"--opts: needs KEY VALUE pairs, got an odd number of items {list(opts)}")
     cfg = get_fcos_cfg()
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    merge_config(cfg, config_file, opts)
     names, source = _find_class_names(cfg, ann_file)
     if names is not None and not num_classes_set_explicitly(cfg, opts):
         if cfg.MODEL.FCOS.NUM_CLASSES != len(names):
@@ -138,8 +131,5 @@ def build_inference_model(cfg: CfgNode) -> nn.Module:
     check_weights(cfg)
     model = build_model(cfg)
     checkpointer = _InferenceCheckpointer(model, allow_unsafe_pickle=cfg.CHECKPOINT.ALLOW_UNSAFE_PICKLE)
-    try:
-        checkpointer.load(cfg.MODEL.WEIGHTS)
-    except (CheckpointMismatchError, UnknownLayoutError, UnsafeCheckpointError) as err:
-        raise SetupError(str(err)) from None
+    checkpointer.load(cfg.MODEL.WEIGHTS)
     return model.eval()

@@ -3,7 +3,8 @@
 * :class:`TrainingCurveHook` redraws the training-curve PNG after each evaluation and at the end.
 * :class:`SynchronizeBuffersHook` makes every process hold the same buffers (BatchNorm running
   statistics) before each evaluation and checkpoint, see :func:`synchronize_buffers`.
-* :class:`FiniteLossMixin` stops training at the first NaN/Inf loss, in every process, before the
+* :class:`FiniteLossMixin` stops training at the first NaN/Inf head output (checked by the model's
+  loss computation, ``fcos.losses.check_finite_predictions``) or loss, in every process, before the
   optimizer step, naming the iteration: detectron2 0.6 only raises in the main process (the others then
   hang in the next collective until the 30-minute timeout) and after the bad gradients were computed.
 """
@@ -19,19 +20,28 @@ from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer
 from detectron2.utils import comm
 from torch import nn
 
+from fcos.errors import DIVERGENCE_HINT, NonFiniteLossError
+
 from .curves import CURVE_FILE, plot_training_curves
+
+__all__ = ["FiniteLossAMPTrainer", "FiniteLossTrainer", "NonFiniteLossError", "TrainingCurveHook"]
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or Inf; the message names the iteration and the losses."""
-
-
 class FiniteLossMixin:
-    """For SimpleTrainer subclasses: check the losses on all ranks before the metrics are written."""
+    """For SimpleTrainer subclasses: stop on NaN/Inf outputs or losses on all ranks, at one step."""
 
     iter: int
+
+    def run_step(self) -> None:
+        try:
+            super().run_step()  # type: ignore[misc]
+        except NonFiniteLossError as err:
+            raise NonFiniteLossError(
+                f"training diverged at iteration {self.iter}: {err}; stopped before the optimizer "
+                f"step, so the last checkpoint is intact. To fix: {DIVERGENCE_HINT}"
+            ) from err
 
     def _write_metrics(
         self,
@@ -53,11 +63,7 @@ class FiniteLossMixin:
             dist.all_reduce(flag)
         if flag.item() > 0:
             where = f"in this process: {bad}" if bad else "in another process"
-            raise NonFiniteLossError(
-                f"Loss became NaN or Inf at iteration {step} ({where}); training stopped before the "
-                "optimizer step, so the last checkpoint is intact. Lower SOLVER.BASE_LR, enable "
-                "SOLVER.CLIP_GRADIENTS, or check the data (dataset/check.py)"
-            )
+            raise NonFiniteLossError(f"a loss became NaN or Inf at iteration {step} ({where})")
         if iter is None:
             super()._write_metrics(loss_dict, data_time, prefix)  # type: ignore[misc]
         else:

@@ -5,6 +5,10 @@ detectron2 0.6's ``launch`` hard-codes the NCCL backend and asserts CUDA, so mul
 could not run on a CPU machine at all. This keeps its interface (``num_gpus_per_machine`` is "processes
 per machine" on CPU) and its conventions (``dist_url="auto"``, a per-machine local process group that
 ``detectron2.utils.comm.get_local_rank`` uses).
+
+An exception in a worker process reaches the launching process as the exception itself (when it can
+be pickled), chained to torch's ``ProcessRaisedException`` that carries the worker's traceback text,
+so the command line reports a worker's bad input or divergence the same way as in a one-process run.
 """
 from __future__ import annotations
 
@@ -70,13 +74,29 @@ def launch(
             raise LaunchError("--dist-url auto only works on one machine; give tcp://<machine 0 address>:<port>")
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
     backend = choose_backend(device, num_gpus_per_machine)
-    mp.spawn(
-        _distributed_worker,
-        nprocs=num_gpus_per_machine,
-        args=(main_func, backend, device.startswith("cuda"), world_size, num_gpus_per_machine,
-              machine_rank, dist_url, tuple(args), timeout),
-        daemon=False,
-    )
+    errors = mp.get_context("spawn").SimpleQueue()
+    try:
+        mp.spawn(
+            _distributed_worker,
+            nprocs=num_gpus_per_machine,
+            args=(main_func, backend, device.startswith("cuda"), world_size, num_gpus_per_machine,
+                  machine_rank, dist_url, tuple(args), timeout, errors),
+            daemon=False,
+        )
+    except mp.ProcessRaisedException as failure:
+        # The first worker to fail is the cause; the others failed or were stopped because of it.
+        first = _first_forwarded(errors)
+        if first is None:
+            raise
+        raise first from failure
+
+
+def _first_forwarded(errors: Any) -> BaseException | None:
+    """The first exception a worker put on ``errors``; None if none was sent or it is unreadable."""
+    try:
+        return None if errors.empty() else errors.get()
+    except Exception:
+        return None
 
 
 def _distributed_worker(
@@ -90,6 +110,7 @@ def _distributed_worker(
     dist_url: str,
     args: Sequence[Any],
     timeout: timedelta,
+    errors: Any,
 ) -> None:
     global_rank = machine_rank * num_gpus_per_machine + local_rank
     if cuda:
@@ -114,5 +135,11 @@ def _distributed_worker(
     comm.synchronize()
     try:
         main_func(*args)
+    except Exception as error:
+        try:
+            errors.put(error)
+        except Exception:
+            pass  # not picklable: the launching process reports torch's ProcessRaisedException
+        raise
     finally:
         dist.destroy_process_group()

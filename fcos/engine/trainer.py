@@ -185,7 +185,8 @@ class FCOSTrainer(DefaultTrainer):
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
             proposal_files=None,
         )
-        return build_detection_train_loader(cfg, dataset=drop_degenerate_boxes(dataset, cfg.DATASETS.TRAIN))
+        dataset = drop_degenerate_boxes(dataset, cfg.DATASETS.TRAIN, cfg.DATASETS.STRICT_BOXES)
+        return build_detection_train_loader(cfg, dataset=dataset)
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> DatasetEvaluator:
