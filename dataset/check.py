@@ -23,7 +23,7 @@ from typing import Sequence
 from fcos.data.check import check_coco_dataset
 from fcos.data.common import DatasetError
 from fcos.engine.cli import run
-from fcos.engine.defaults import load_config
+from fcos.engine.config import get_fcos_cfg, merge_config
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fcos_custom_scratch.yaml")
 
@@ -56,7 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     def check() -> int:
         if not os.path.isdir(args.image_dir):
             raise DatasetError(f"{args.image_dir}: not a folder (--image_dir)")
-        strides = list(load_config(args.config_file, []).MODEL.FCOS.FPN_STRIDES)
+        cfg = get_fcos_cfg()
+        merge_config(cfg, args.config_file, [])
+        strides = list(cfg.MODEL.FCOS.FPN_STRIDES)
         read_images = True if args.full else "header"
         report = check_coco_dataset(args.ann_file, args.image_dir, read_images, args.strict,
                                     strides=strides)
