@@ -42,7 +42,7 @@ from fcos.engine.datasets import (  # noqa: E402
     uses_shapes,
 )
 from fcos.engine.curves import archive_previous_metrics  # noqa: E402
-from fcos.engine.defaults import resolve_device  # noqa: E402
+from fcos.engine.defaults import check_precision_config, resolve_device  # noqa: E402
 from fcos.engine.evaluation import format_ap_table  # noqa: E402
 from fcos.engine.hooks import NonFiniteLossError  # noqa: E402
 from fcos.engine.launch import LaunchError, launch  # noqa: E402
@@ -93,6 +93,7 @@ def setup_config(args: argparse.Namespace, world_size: int) -> CfgNode:
     resolve_num_classes(cfg, names, explicit=num_classes_set_explicitly(cfg, args.opts))
     _check_weights_exist(cfg, args.resume)
     resolve_device(cfg)
+    check_precision_config(cfg)
     reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
     if reference and cfg.SOLVER.IMS_PER_BATCH % reference != 0:
         raise SetupError(

@@ -6,9 +6,14 @@ the requested output size); this class adds FCOS's grid points, target assignmen
 CPU inference runs in channels-last (NHWC) memory format, with the backbone's frozen BatchNorms folded
 into their convolutions (``FoldedFrozenBNConv2d``); training and other devices keep detectron2's NCHW
 arithmetic exactly. Module and parameter names are untouched (checkpoint contract).
+
+With ``TEST.AMP.ENABLED`` the eval-mode forward runs backbone and head under autocast (``fcos.precision``),
+so every caller (evaluator, TTA, demo, predictor) gets it from the config; losses and decoding always
+run in fp32 on upcast predictions.
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -23,7 +28,10 @@ from .fast_inference import fold_frozen_batchnorms
 from .head import FCOSHead
 from .inference import image_candidates, select_detections
 from .losses import fcos_losses
+from .precision import Precision, check_precision, fp32_region, resolve_precision, upcast
 from .targets import FCOSTargetAssigner, grid_points
+
+logger = logging.getLogger(__name__)
 
 
 @META_ARCH_REGISTRY.register()
@@ -53,7 +61,10 @@ class FCOS(DenseDetector):
         max_detections_per_image: int,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
+        test_amp: Tuple[bool, str] = (False, "auto"),
     ) -> None:
+        """``test_amp``: (``TEST.AMP.ENABLED``, ``TEST.AMP.PRECISION``); the other arguments are the
+        ``MODEL.FCOS`` keys of the same names."""
         super().__init__(backbone, head, list(head_in_features), pixel_mean=pixel_mean, pixel_std=pixel_std)
         fold_frozen_batchnorms(self.backbone)
         self.num_classes = num_classes
@@ -70,6 +81,9 @@ class FCOS(DenseDetector):
         self.inference_topk_first = inference_topk_first
         self.nms_thresh_test = nms_thresh_test
         self.max_detections_per_image = max_detections_per_image
+        check_precision("TEST.AMP", test_amp[1])
+        self.test_amp = (bool(test_amp[0]), str(test_amp[1]))
+        self._inference_precisions: Dict[str, Precision] = {}
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict:
@@ -114,7 +128,26 @@ class FCOS(DenseDetector):
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "test_amp": (cfg.TEST.AMP.ENABLED, cfg.TEST.AMP.PRECISION),
         }
+
+    def inference_precision(self) -> Precision:
+        """``TEST.AMP`` resolved for the device the model is on now (logged once per device type)."""
+        device_type = self.device.type
+        if device_type not in self._inference_precisions:
+            precision = resolve_precision("TEST.AMP", *self.test_amp, device_type)
+            if precision.warning:
+                logger.warning(precision.warning)
+            logger.info(precision.description)
+            self._inference_precisions[device_type] = precision
+        return self._inference_precisions[device_type]
+
+    def forward(self, batched_inputs: List[Dict[str, Tensor]]):  # type: ignore[override]
+        """DenseDetector's forward; in eval mode under ``TEST.AMP``'s autocast (decoding opts out)."""
+        if self.training:
+            return super().forward(batched_inputs)
+        with self.inference_precision().autocast():
+            return super().forward(batched_inputs)
 
     def preprocess_image(self, batched_inputs: List[Dict[str, Tensor]]) -> ImageList:
         """detectron2's normalise-pad-batch; the batch is channels-last for CPU inference.
@@ -170,7 +203,7 @@ class FCOS(DenseDetector):
         Public so that test-time augmentation can merge the candidates of several inputs before one NMS.
         """
         points = self._points(features)
-        logits, deltas, centerness = self._flat_predictions(predictions)
+        logits, deltas, centerness = upcast(self._flat_predictions(predictions))
         return [
             image_candidates(
                 [x[i] for x in logits],
@@ -191,12 +224,15 @@ class FCOS(DenseDetector):
         features: List[Tensor],
         predictions: Tuple[List[Tensor], List[Tensor], List[Tensor]],
     ) -> List[Instances]:
-        return [
-            select_detections(
-                *candidates,
-                tuple(image_size),
-                nms_thresh=self.nms_thresh_test,
-                max_detections=self.max_detections_per_image,
-            )
-            for candidates, image_size in zip(self.candidates(images, features, predictions), images.image_sizes)
-        ]
+        with fp32_region(images.tensor.device.type):
+            return [
+                select_detections(
+                    *candidates,
+                    tuple(image_size),
+                    nms_thresh=self.nms_thresh_test,
+                    max_detections=self.max_detections_per_image,
+                )
+                for candidates, image_size in zip(
+                    self.candidates(images, features, predictions), images.image_sizes
+                )
+            ]
