@@ -6,10 +6,6 @@ the requested output size); this class adds FCOS's grid points, target assignmen
 CPU inference runs in channels-last (NHWC) memory format, with the backbone's frozen BatchNorms folded
 into their convolutions (``FoldedFrozenBNConv2d``); training and other devices keep detectron2's NCHW
 arithmetic exactly. Module and parameter names are untouched (checkpoint contract).
-
-With ``TEST.AMP.ENABLED`` the eval-mode forward runs backbone and head under autocast (``fcos.precision``),
-so every caller (evaluator, TTA, demo, predictor) gets it from the config; losses and decoding always
-run in fp32 on upcast predictions.
 """
 from __future__ import annotations
 
@@ -28,7 +24,7 @@ from .fast_inference import fold_frozen_batchnorms
 from .head import FCOSHead
 from .inference import image_candidates, select_detections
 from .losses import fcos_losses
-from .precision import Precision, check_precision, fp32_region, resolve_precision, upcast
+from .precision import Precision, check_precision, resolve_precision, upcast
 from .targets import FCOSTargetAssigner, grid_points
 
 logger = logging.getLogger(__name__)
@@ -63,8 +59,6 @@ class FCOS(DenseDetector):
         pixel_std: Sequence[float],
         test_amp: Tuple[bool, str] = (False, "auto"),
     ) -> None:
-        """``test_amp``: (``TEST.AMP.ENABLED``, ``TEST.AMP.PRECISION``); the other arguments are the
-        ``MODEL.FCOS`` keys of the same names."""
         super().__init__(backbone, head, list(head_in_features), pixel_mean=pixel_mean, pixel_std=pixel_std)
         fold_frozen_batchnorms(self.backbone)
         self.num_classes = num_classes
@@ -81,6 +75,7 @@ class FCOS(DenseDetector):
         self.inference_topk_first = inference_topk_first
         self.nms_thresh_test = nms_thresh_test
         self.max_detections_per_image = max_detections_per_image
+        # (TEST.AMP.ENABLED, TEST.AMP.PRECISION), resolved per device type at the first forward.
         check_precision("TEST.AMP", test_amp[1])
         self.test_amp = (bool(test_amp[0]), str(test_amp[1]))
         self._inference_precisions: Dict[str, Precision] = {}
@@ -143,7 +138,12 @@ class FCOS(DenseDetector):
         return self._inference_precisions[device_type]
 
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):  # type: ignore[override]
-        """DenseDetector's forward; in eval mode under ``TEST.AMP``'s autocast (decoding opts out)."""
+        """DenseDetector's forward; in eval mode under ``TEST.AMP``'s autocast.
+
+        So every caller (evaluator, ``--eval-only``, demo, predictor, bench) gets mixed precision from
+        the config alone. Decoding stays fp32: ``candidates`` upcasts the head's maps, and nothing after
+        it is an op that autocast lowers (it has no matmul or convolution).
+        """
         if self.training:
             return super().forward(batched_inputs)
         with self.inference_precision().autocast():
@@ -224,15 +224,12 @@ class FCOS(DenseDetector):
         features: List[Tensor],
         predictions: Tuple[List[Tensor], List[Tensor], List[Tensor]],
     ) -> List[Instances]:
-        with fp32_region(images.tensor.device.type):
-            return [
-                select_detections(
-                    *candidates,
-                    tuple(image_size),
-                    nms_thresh=self.nms_thresh_test,
-                    max_detections=self.max_detections_per_image,
-                )
-                for candidates, image_size in zip(
-                    self.candidates(images, features, predictions), images.image_sizes
-                )
-            ]
+        return [
+            select_detections(
+                *candidates,
+                tuple(image_size),
+                nms_thresh=self.nms_thresh_test,
+                max_detections=self.max_detections_per_image,
+            )
+            for candidates, image_size in zip(self.candidates(images, features, predictions), images.image_sizes)
+        ]

@@ -161,7 +161,3 @@ def upcast(tensors: Sequence[T]) -> list:
             out.append(upcast(item))
     return out
 
-
-def fp32_region(device_type: str) -> ContextManager:
-    """Autocast off: ops inside run in the dtype of their (upcast) inputs."""
-    return torch.autocast(device_type, enabled=False)
