@@ -36,7 +36,7 @@ fi
 config=${FCOS_CONFIG:-}
 if [[ -z $config ]]; then
   # Prints the native bf16 feature (e.g. AMX-BF16) and exits 0 on a GPU-less CPU that has one.
-  if native=$("$py" -c 'import sys, torch; from fcos.precision import native_cpu_support as n
+  if native=$("$py" -W ignore::FutureWarning -c 'import sys, torch; from fcos.precision import native_cpu_support as n
 f = None if torch.cuda.is_available() else n(torch.bfloat16); print(f or ""); sys.exit(0 if f else 1)'); then
     config=configs/fcos_shapes_bf16.yaml
     echo "run_embedded.sh: this CPU has native bf16 ($native): bfloat16 recipe $config"
