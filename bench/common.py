@@ -6,9 +6,9 @@ convs, 80 classes). Both start from random weights: no checkpoint can be downloa
 not depend on the weight values except through how many candidates survive decoding, which the
 inference benchmark equalises explicitly (see ``bench/inference.py``).
 
-``--precision`` runs ours under mixed precision (``TEST.AMP`` / ``SOLVER.AMP``'s autocast) while the peer
-stays in fp32, the comparison a user choosing between the two makes; ``--device cuda`` runs both on the
-GPU, with ``torch.cuda.synchronize()`` closing every timed call.
+``--precision`` runs ours under mixed precision (``TEST.AMP`` / ``SOLVER.AMP``'s autocast) while
+the peer stays in fp32, the comparison a user choosing between the two makes; ``--device cuda`` runs
+both on the GPU, with ``torch.cuda.synchronize()`` closing every timed call.
 """
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ BENCH_PRECISIONS = ("fp32", "float16", "bfloat16")
 
 
 def ours_cfg(opts: Sequence[str] = (), device: str = "cpu", precision: str = "fp32") -> CfgNode:
-    """The project's default R-50 config on ``device``, no weights file, the peer's FREEZE_AT, inference
-    in ``precision`` (``TEST.AMP``); ``opts`` last."""
+    """The project's default R-50 config on ``device``, no weights file, the peer's FREEZE_AT,
+    inference in ``precision`` (``TEST.AMP``); ``opts`` last."""
     cfg = get_cfg()
     add_fcos_config(cfg)
     cfg.merge_from_file(str(OURS_CONFIG))
@@ -58,7 +58,9 @@ def ours_cfg(opts: Sequence[str] = (), device: str = "cpu", precision: str = "fp
     return cfg
 
 
-def build_ours(opts: Sequence[str] = (), seed: int = 0, device: str = "cpu", precision: str = "fp32") -> nn.Module:
+def build_ours(
+    opts: Sequence[str] = (), seed: int = 0, device: str = "cpu", precision: str = "fp32"
+) -> nn.Module:
     torch.manual_seed(seed)
     return build_model(ours_cfg(opts, device, precision))
 
@@ -96,7 +98,9 @@ def random_instances(image_size: Tuple[int, int], num_boxes: int, seed: int, num
     return instances
 
 
-def inference_call(model: nn.Module, inputs: List[Dict[str, Any]], device: str = "cpu") -> Callable[[], None]:
+def inference_call(
+    model: nn.Module, inputs: List[Dict[str, Any]], device: str = "cpu"
+) -> Callable[[], None]:
     """A no-argument callable running ``model(inputs)`` under ``torch.inference_mode`` (for timing)."""
 
     def call() -> None:

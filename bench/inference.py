@@ -1,7 +1,7 @@
 """Inference time of ours vs detectron2's FCOS: R-50-FPN, batch 1, ``torch.inference_mode``, interleaved runs.
 
     python -m bench.inference [--threads 1] [--repeats 10] [--json out.json]
-    python -m bench.inference --precision bfloat16        # ours under TEST.AMP bf16, the peer in fp32
+    python -m bench.inference --precision bfloat16    # ours under TEST.AMP bf16, the peer fp32
     python -m bench.inference --device cuda --precision float16
 
 Random weights leave every class probability near PRIOR_PROB (0.01), so neither model would keep a
@@ -111,7 +111,9 @@ def run(
         with torch.inference_mode():
             detections[name] = len(model(inputs)[0]["instances"])
     times = interleaved_times(
-        {name: inference_call(m, inputs, device) for name, m in models.items()}, warmup=warmup, repeats=repeats
+        {name: inference_call(m, inputs, device) for name, m in models.items()},
+        warmup=warmup,
+        repeats=repeats,
     )
     result = {
         "benchmark": "inference",
@@ -146,7 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--candidate-fraction", type=float, default=0.01)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     parser.add_argument("--precision", choices=BENCH_PRECISIONS, default="fp32",
-                        help="ours under TEST.AMP in this dtype; the peer always runs fp32 (default fp32)")
+                        help="ours under TEST.AMP in this dtype; the peer runs fp32 (default fp32)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     result = run(args.threads, args.size, args.warmup, args.repeats, args.candidate_fraction,
@@ -154,7 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     for clock in ("wall", "cpu"):
         stats = result[clock]
         print(
-            f"{clock:4s}: ours ({args.precision}) {stats['ours']['median']:.3f} s (min {stats['ours']['min']:.3f}), "
+            f"{clock:4s}: ours ({args.precision}) "
+            f"{stats['ours']['median']:.3f} s (min {stats['ours']['min']:.3f}), "
             f"peer {stats['peer']['median']:.3f} s (min {stats['peer']['min']:.3f}), "
             f"ratio {result[f'ratio_{clock}_median']:.3f}"
         )

@@ -1,13 +1,13 @@
 """Run every benchmark (each in its own process) and write ``bench/RESULTS.md``.
 
-    .venv/bin/python -m bench.run_all [--threads 1] [--quick] [--device cpu] [--output bench/RESULTS.md]
+    .venv/bin/python -m bench.run_all [--threads 1] [--quick] [--device cpu] [--output RESULTS.md]
 
 Takes about 25 minutes with one thread on an idle 2-core machine (the 800x1333 training steps dominate);
 ``--quick`` runs fewer repetitions and only the small training size (a smoke run, not for the README).
-Inference and the training step also run with ours in mixed precision (bf16 on a CPU, fp16 and bf16 on
-a GPU) against the fp32 peer; with a trained embedded model (``scripts/run_embedded.sh``) its val AP in
-fp32 and bf16 is compared too (``bench.amp_ap``). ``--device cuda`` runs everything that has a model on
-the GPU.
+Inference and the training step also run with ours in mixed precision (bf16 on a CPU, fp16 and
+bf16 on a GPU) against the fp32 peer; with a trained embedded model (``scripts/run_embedded.sh``)
+its val AP in fp32 and bf16 is compared too (``bench.amp_ap``). ``--device cuda`` runs everything
+that has a model on the GPU.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def run_benchmark(
     name: str, threads: int, quick: bool, out_dir: Path, extra: Sequence[str] = (), tag: str = ""
 ) -> Dict:
     path = out_dir / f"{name}-{threads}{tag}.json"
-    command = [sys.executable, "-m", f"bench.{name}", "--threads", str(threads), "--json", str(path), *extra]
+    command = [sys.executable, "-m", f"bench.{name}", "--threads", str(threads), "--json", str(path)]
+    command += extra
     print(f"==> {' '.join(command[1:] + bench_args(name, quick))}", flush=True)
     done = subprocess.run(command + bench_args(name, quick), cwd=REPO, check=False)
     if done.returncode != 0:
@@ -68,8 +69,8 @@ def inference_table(results: Sequence[Dict]) -> List[str]:
         wall, cpu, threads = result["wall"], result["cpu"], result["machine"]["torch_threads"]
         precision = result.get("precision", "fp32")
         lines += [
-            f"| {threads} | ours (`configs/fcos_R_50_FPN.yaml`, **{precision}**) | {_spread(wall['ours'])} | "
-            f"{_spread(cpu['ours'])} |",
+            f"| {threads} | ours (`configs/fcos_R_50_FPN.yaml`, **{precision}**) | "
+            f"{_spread(wall['ours'])} | {_spread(cpu['ours'])} |",
             f"| {threads} | detectron2 0.6 FCOS | {_spread(wall['peer'])} | {_spread(cpu['peer'])} |",
             f"| {threads} | **ours / detectron2 (medians)** | **{result['ratio_wall_median']:.3f}** | "
             f"**{result['ratio_cpu_median']:.3f}** |",
@@ -79,8 +80,8 @@ def inference_table(results: Sequence[Dict]) -> List[str]:
 
 def train_table(results: Sequence[Dict]) -> List[str]:
     lines = [
-        "| input | ours precision | ours wall s | detectron2 (fp32) wall s | ours CPU s | detectron2 CPU s "
-        "| ratio wall | ratio CPU |",
+        "| input | ours precision | ours wall s | detectron2 (fp32) wall s | ours CPU s "
+        "| detectron2 CPU s | ratio wall | ratio CPU |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for result, entry in ((r, e) for r in results for e in r["sizes"]):
@@ -138,13 +139,20 @@ def amp_ap_lines(result: Optional[Dict]) -> List[str]:
     lines = ["| evaluation | AP | AP50 | AP75 | seconds |", "|---|---|---|---|---|"]
     for name, run in result["runs"].items():
         box = run["bbox"]
-        lines.append(f"| {name} | {box['AP']:.2f} | {box['AP50']:.2f} | {box['AP75']:.2f} | {run['seconds']:.1f} |")
+        lines.append(
+            f"| {name} | {box['AP']:.2f} | {box['AP50']:.2f} | {box['AP75']:.2f} "
+            f"| {run['seconds']:.1f} |"
+        )
     lines += ["", f"**|ΔAP| = {abs(result['delta_ap']):.2f}** (`{result['weights']}`)"]
     return lines
 
 
 def report(
-    results: Dict[str, Dict], threads: int, load_before: Optional[float], quick: bool, device: str = "cpu"
+    results: Dict[str, Dict],
+    threads: int,
+    load_before: Optional[float],
+    quick: bool,
+    device: str = "cpu",
 ) -> str:
     machine = machine_info(threads, device)
     load = f"{load_before:.2f} → {machine['load_average_1min']:.2f}" if load_before is not None else "n/a"
@@ -160,7 +168,8 @@ def report(
         f"Written by `python -m bench.run_all{' --quick' if quick else ''}` on "
         f"{datetime.date.today().isoformat()}, commit `{machine['commit']}`.",
         "",
-        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs{gpu}; Python {machine['python']}, "
+        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs{gpu}; "
+        f"Python {machine['python']}, "
         f"torch {machine['torch']}; **{threads} torch thread(s) for every model**{also}; 1-minute load average "
         f"{load} (other jobs shared the host). Wall time is what a user waits; CPU time (this process only) "
         "leaves out time the host gave the core to other jobs, so it is the steadier comparison here. Runs "
@@ -214,11 +223,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     with tempfile.TemporaryDirectory(prefix="fcos-bench-") as tmp:
         results: Dict = {
             "inference": [
-                run_benchmark("inference", n, args.quick, Path(tmp), [*device, "--precision", p], f"-{p}")
-                for p in precisions for n in inference_threads
+                run_benchmark("inference", n, args.quick, Path(tmp), [*device, "--precision", p],
+                              f"-{p}")
+                for p in precisions
+                for n in inference_threads
             ],
             "train_step": [
-                run_benchmark("train_step", args.threads, args.quick, Path(tmp), [*device, "--precision", p], f"-{p}")
+                run_benchmark("train_step", args.threads, args.quick, Path(tmp),
+                              [*device, "--precision", p], f"-{p}")
                 for p in precisions
             ],
         }
@@ -226,7 +238,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         for name in OTHER_BENCHMARKS if name != "train_step"})
         if DEFAULT_WEIGHTS.is_file():
             mixed = ["--precision", precisions[-1]]
-            results["amp_ap"] = run_benchmark("amp_ap", args.threads, args.quick, Path(tmp), [*device, *mixed])
+            results["amp_ap"] = run_benchmark(
+                "amp_ap", args.threads, args.quick, Path(tmp), [*device, *mixed]
+            )
     text = report(results, args.threads, load_before, args.quick, args.device)
     tmp_output = args.output.with_name(args.output.name + ".tmp")
     tmp_output.write_text(text, encoding="utf-8")

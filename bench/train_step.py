@@ -1,7 +1,7 @@
 """Training-step time of ours vs detectron2's FCOS: forward + backward + SGD step, batch 2, interleaved runs.
 
     python -m bench.train_step [--threads 1] [--sizes 800x1333,512x853] [--repeats 5] [--json out.json]
-    python -m bench.train_step --precision bfloat16    # ours under SOLVER.AMP's bf16 step, the peer fp32
+    python -m bench.train_step --precision bfloat16    # ours in SOLVER.AMP's bf16 step, peer fp32
     python -m bench.train_step --device cuda --precision float16
 
 Both models train the same layers (stem and res2 frozen, FrozenBN backbone, GN head) on the same two
@@ -45,13 +45,14 @@ def train_step(
     model: nn.Module, batch: List[Dict], device: str = "cpu", precision: str = "fp32"
 ) -> Callable[[], None]:
     """One SGD step (momentum 0.9, weight decay 1e-4, lr 1e-6) of ``model`` on ``batch``, under
-    ``SOLVER.AMP``'s autocast and GradScaler for ``precision`` (the AMP trainer's step minus logging)."""
+    ``SOLVER.AMP``'s autocast and GradScaler for ``precision`` (the AMP trainer's step)."""
     model.train()
     optimizer = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9, weight_decay=1e-4
     )
     mixed = precision != "fp32"
-    amp = resolve_precision("SOLVER.AMP", mixed, precision if mixed else "auto", torch.device(device).type)
+    device_type = torch.device(device).type
+    amp = resolve_precision("SOLVER.AMP", mixed, precision if mixed else "auto", device_type)
     scaler = torch.amp.GradScaler(amp.device_type, enabled=amp.needs_grad_scaler)
 
     def step() -> None:
@@ -69,7 +70,12 @@ def train_step(
 
 
 def run_size(
-    size: Tuple[int, int], boxes: int, warmup: int, repeats: int, device: str = "cpu", precision: str = "fp32"
+    size: Tuple[int, int],
+    boxes: int,
+    warmup: int,
+    repeats: int,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> Dict:
     batch = [
         {"image": random_image(*size, seed=i), "instances": random_instances(size, boxes, seed=i)}
@@ -102,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     parser.add_argument("--precision", choices=BENCH_PRECISIONS, default="fp32",
-                        help="ours under SOLVER.AMP in this dtype; the peer always runs fp32 (default fp32)")
+                        help="ours in SOLVER.AMP's dtype; the peer runs fp32 (default fp32)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     set_threads(args.threads)

@@ -99,7 +99,7 @@ class FCOSHead(nn.Module):
             if self.norm_reg_targets:
                 box_reg.append(F.relu(reg) * self.fpn_strides[level])
             else:
-                # fp32: exp overflows float16 above ln(65504) ~ 11.1, which an untrained or diverging
-                # head can reach; fp32 only overflows past 88, i.e. a distance of 1.6e38 pixels.
+                # fp32: exp overflows float16 above ln(65504) ~ 11.1, which an untrained or
+                # diverging head can reach; fp32 only past 88, a distance of 1.6e38 pixels.
                 box_reg.append(torch.exp(reg.float()))
         return logits, box_reg, centerness

@@ -74,8 +74,8 @@ def fcos_losses(
         ``loss_cls``, ``loss_box_reg``, ``loss_centerness``; with no foreground the last two are 0 but
         still depend on the predictions, so every parameter gets a (zero) gradient, as DDP requires.
     """
-    # fp32 from upcast predictions (identity in fp32 training): under autocast the head's outputs may
-    # be fp16/bf16, whose ~3 significant digits would round the focal and log terms away.
+    # fp32 from upcast predictions (identity in fp32 training): under autocast the head's outputs
+    # may be fp16/bf16, whose ~3 significant digits would round the focal and log terms away.
     pred_logits, pred_deltas, pred_centerness = (
         t.float() for t in (pred_logits, pred_deltas, pred_centerness)
     )

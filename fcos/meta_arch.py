@@ -127,7 +127,7 @@ class FCOS(DenseDetector):
         }
 
     def inference_precision(self) -> Precision:
-        """``TEST.AMP`` resolved for the device the model is on now (logged once per device type)."""
+        """``TEST.AMP`` resolved for the model's current device (logged once per device type)."""
         device_type = self.device.type
         if device_type not in self._inference_precisions:
             precision = resolve_precision("TEST.AMP", *self.test_amp, device_type)
@@ -140,9 +140,9 @@ class FCOS(DenseDetector):
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):  # type: ignore[override]
         """DenseDetector's forward; in eval mode under ``TEST.AMP``'s autocast.
 
-        So every caller (evaluator, ``--eval-only``, demo, predictor, bench) gets mixed precision from
-        the config alone. Decoding stays fp32: ``candidates`` upcasts the head's maps, and nothing after
-        it is an op that autocast lowers (it has no matmul or convolution).
+        So every caller (evaluator, ``--eval-only``, demo, predictor, bench) gets mixed precision
+        from the config alone. Decoding stays fp32: ``candidates`` upcasts the head's maps, and
+        nothing after it is an op that autocast lowers (it has no matmul or convolution).
         """
         if self.training:
             return super().forward(batched_inputs)

@@ -1,9 +1,11 @@
 """Mixed precision on the CPU: the AMP training step, its GradScaler handling, TEST.AMP inference.
 
-The bf16 tests need a CPU that runs bf16 at all (every x86-64 torch build does, natively or emulated);
-the float16 GradScaler paths run on the CPU too (torch.autocast("cpu", float16) + GradScaler("cpu")).
+The bf16 tests need a CPU that runs bf16 at all (every x86-64 torch build does, natively or
+emulated); the float16 GradScaler paths run on the CPU too (autocast("cpu", float16) +
+GradScaler("cpu")), on a linear model: float16 convolutions on a CPU are ~100x slower than fp32.
 CUDA-only variants are at the end and skip on machines without a GPU.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -29,16 +31,32 @@ from model_utils import REPO
 
 SIZE = 96
 STEPS = 30
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (this machine has none)")
+CUDA = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (this machine has none)"
+)
 
 
 def embedded_cfg(*opts: str) -> CfgNode:
     """The embedded config with a 32-channel FPN and one head conv: seconds per dozen steps."""
     cfg = get_fcos_cfg()
     cfg.merge_from_file(str(REPO / "configs" / "fcos_shapes.yaml"))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.FCOS.NUM_CLASSES", "4", "MODEL.FPN.OUT_CHANNELS", "32",
-                         "MODEL.FCOS.NUM_CONVS", "1", "INPUT.MIN_SIZE_TEST", str(SIZE),
-                         "INPUT.MAX_SIZE_TEST", str(SIZE), *opts])
+    cfg.merge_from_list(
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.FCOS.NUM_CLASSES",
+            "4",
+            "MODEL.FPN.OUT_CHANNELS",
+            "32",
+            "MODEL.FCOS.NUM_CONVS",
+            "1",
+            "INPUT.MIN_SIZE_TEST",
+            str(SIZE),
+            "INPUT.MAX_SIZE_TEST",
+            str(SIZE),
+            *opts,
+        ]
+    )
     return cfg
 
 
@@ -52,7 +70,12 @@ def shapes_batch(count: int = 4) -> List[Dict]:
         xywh = torch.tensor([p.shape.tight_box() for p in placed], dtype=torch.float32)
         inst.gt_boxes = Boxes(torch.cat((xywh[:, :2], xywh[:, :2] + xywh[:, 2:]), dim=1))
         inst.gt_classes = torch.tensor([p.shape.category_id - 1 for p in placed])
-        batch.append({"image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))), "instances": inst})
+        batch.append(
+            {
+                "image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                "instances": inst,
+            }
+        )
     return batch
 
 
@@ -83,7 +106,12 @@ def trained() -> Dict:
             storage.iter = trainer.iter
             trainer.run_step()
             losses.append(storage.history("total_loss").latest())
-    return {"model": model.eval(), "batch": batch, "losses": losses, "conv_dtypes": conv_dtypes.dtypes}
+    return {
+        "model": model.eval(),
+        "batch": batch,
+        "losses": losses,
+        "conv_dtypes": conv_dtypes.dtypes,
+    }
 
 
 def test_bf16_amp_steps_are_finite_lower_the_loss_and_run_in_bf16(trained: Dict) -> None:
@@ -95,8 +123,10 @@ def test_bf16_amp_steps_are_finite_lower_the_loss_and_run_in_bf16(trained: Dict)
 
 
 def _with_test_amp(model: nn.Module, precision: str) -> nn.Module:
-    """The same weights in a model built with ``TEST.AMP.ENABLED True`` and ``PRECISION precision``."""
-    amp_model = build_model(embedded_cfg("TEST.AMP.ENABLED", "True", "TEST.AMP.PRECISION", precision))
+    """The same weights in a model built with ``TEST.AMP.ENABLED True``, ``PRECISION precision``."""
+    amp_model = build_model(
+        embedded_cfg("TEST.AMP.ENABLED", "True", "TEST.AMP.PRECISION", precision)
+    )
     amp_model.load_state_dict(model.state_dict())
     return amp_model.to(model.device).eval()
 
@@ -108,7 +138,8 @@ def _detections(model: nn.Module, batch: List[Dict]) -> List[Instances]:
 
 def test_test_amp_bf16_detections_match_fp32(trained: Dict) -> None:
     """Bound tested: every fp32 detection with score >= 0.3 has a bf16 detection of the same class with
-    IoU >= 0.9 and |score difference| <= 0.05, and the bf16 outputs are float32 (decoding in fp32)."""
+    IoU >= 0.9 and |score difference| <= 0.05, and the bf16 outputs are float32 (decoding in fp32).
+    """
     model, batch = trained["model"], trained["batch"]
     amp_model = _with_test_amp(model, "bfloat16")
     recorder = _DtypeRecorder(amp_model.head.cls_score)
@@ -134,7 +165,7 @@ def test_test_amp_off_leaves_the_model_in_fp32(trained: Dict) -> None:
 
 
 class _Quadratic(nn.Module):
-    """loss = sum((w * x)^2) with a known gradient 2 * w * x^2, as a detectron2 model's loss dict."""
+    """loss = (w . x)^2, gradient 2 (w . x) x, returned as a detectron2 model's loss dict."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -160,7 +191,9 @@ def _quadratic_trainer(
     model = _Quadratic()
     optimizer = optimizer_type(model.parameters(), lr=lr)
     fp16 = resolve_precision("SOLVER.AMP", True, "float16", "cpu")
-    trainer = FiniteLossAMPTrainer(model, itertools.repeat(torch.full((1, 4), data)), optimizer, fp16)
+    trainer = FiniteLossAMPTrainer(
+        model, itertools.repeat(torch.full((1, 4), data)), optimizer, fp16
+    )
     trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     return trainer
 
@@ -172,7 +205,9 @@ def _steps(trainer: FiniteLossAMPTrainer, count: int) -> None:
 
 
 @pytest.mark.parametrize("clip_value, expected", [(20.0, 0.92), (0.5, 0.9975)])
-def test_float16_gradient_clipping_sees_unscaled_gradients(clip_value: float, expected: float) -> None:
+def test_float16_gradient_clipping_sees_unscaled_gradients(
+    clip_value: float, expected: float
+) -> None:
     """Gradient 2 * (w . x) * x = 8 per weight, norm 16, lr 0.01. Clip 20: no clipping, each weight
     moves by 0.08 (clipping the x256-scaled gradient instead would move it by 0.1). Clip 0.5: moves by
     0.01 * 0.5 / 16 * 8 = 0.0025 (clipping before unscaling would give 0.0025 / 256)."""
@@ -200,13 +235,18 @@ def test_grad_scaler_state_round_trips_through_the_trainer_state() -> None:
     fresh = _quadratic_trainer(lr=1e-3, init_scale=8.0)
     fresh.load_state_dict(state)
     assert fresh.grad_scaler.state_dict() == state["grad_scaler"]
-    assert fresh.optimizer.state_dict()["param_groups"] == trainer.optimizer.state_dict()["param_groups"]
+    assert (
+        fresh.optimizer.state_dict()["param_groups"]
+        == trainer.optimizer.state_dict()["param_groups"]
+    )
 
 
 def test_a_bf16_trainer_loads_an_fp32_checkpoint_state_and_vice_versa() -> None:
-    """No scaler in bf16: its (empty) state loads anywhere; an fp16 trainer keeps its initial scale."""
+    """No scaler in bf16: its (empty) state loads anywhere; fp16 then keeps its initial scale."""
     model = _Quadratic()
-    bf16 = FiniteLossAMPTrainer(model, iter([]), torch.optim.SGD(model.parameters(), lr=1.0), bf16_cpu())
+    bf16 = FiniteLossAMPTrainer(
+        model, iter([]), torch.optim.SGD(model.parameters(), lr=1.0), bf16_cpu()
+    )
     assert not bf16.grad_scaler.is_enabled() and bf16.state_dict()["grad_scaler"] == {}
     fp16 = _quadratic_trainer()
     fp16.load_state_dict(bf16.state_dict())
@@ -223,8 +263,16 @@ def test_a_non_finite_loss_stops_before_the_step() -> None:
 
 def test_exp_box_regression_does_not_overflow_in_float16() -> None:
     """NORM_REG_TARGETS False: distances exp(x); x = 12 is inf in float16 (max 65504 = e^11.09)."""
-    head = FCOSHead([ShapeSpec(channels=32)], num_classes=2, num_convs=1, prior_prob=0.01,
-                    fpn_strides=[8], norm="GN", centerness_on_reg=False, norm_reg_targets=False)
+    head = FCOSHead(
+        [ShapeSpec(channels=32)],
+        num_classes=2,
+        num_convs=1,
+        prior_prob=0.01,
+        fpn_strides=[8],
+        norm="GN",
+        centerness_on_reg=False,
+        norm_reg_targets=False,
+    )
     nn.init.zeros_(head.bbox_pred.weight)
     nn.init.constant_(head.bbox_pred.bias, 12.0)
     with torch.autocast("cpu", dtype=torch.float16):
@@ -256,7 +304,9 @@ def test_cuda_float16_amp_step_is_finite_and_the_scaler_steps() -> None:
 def test_cuda_test_amp_float16_detections_match_fp32(trained: Dict) -> None:
     model = trained["model"].cuda()
     batch = [{"image": b["image"].cuda()} for b in trained["batch"]]
-    reference, mixed = _detections(model, batch), _detections(_with_test_amp(model, "float16"), batch)
+    reference, mixed = _detections(model, batch), _detections(
+        _with_test_amp(model, "float16"), batch
+    )
     for ref, amp in zip(reference, mixed):
         ref = ref[ref.scores >= 0.3]
         iou = pairwise_iou(ref.pred_boxes, amp.pred_boxes)

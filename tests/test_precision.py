@@ -1,4 +1,5 @@
-"""fcos.precision: which dtype SOLVER.AMP / TEST.AMP give on which hardware, and the config checks."""
+"""fcos.precision: the dtype SOLVER.AMP / TEST.AMP give on which hardware; the config checks."""
+
 from __future__ import annotations
 
 import platform
@@ -49,7 +50,9 @@ def test_cuda_auto_is_float16_with_a_grad_scaler_and_bfloat16_needs_support() ->
     assert test.description == "TEST.AMP: float16 on cuda"
     bf16 = resolve_precision("TEST.AMP", True, "bfloat16", "cuda", cuda_bf16_supported=lambda: True)
     assert bf16.dtype == torch.bfloat16
-    with pytest.raises(FCOSConfigError, match=r"^TEST.AMP.PRECISION: this GPU does not support bfloat16"):
+    with pytest.raises(
+        FCOSConfigError, match=r"^TEST.AMP.PRECISION: this GPU does not support bfloat16"
+    ):
         resolve_precision("TEST.AMP", True, "bfloat16", "cuda", cuda_bf16_supported=lambda: False)
 
 
@@ -74,7 +77,9 @@ def test_native_bf16_detection_agrees_with_proc_cpuinfo() -> None:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("flags"):
             flags.update(line.split(":", 1)[1].split())
-    expected = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+    expected = (
+        "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+    )
     assert native_cpu_support(torch.bfloat16) == expected
 
 
@@ -83,7 +88,9 @@ def test_unknown_precision_is_a_setup_error_naming_the_key() -> None:
     cfg.MODEL.DEVICE = "cpu"
     check_precision_config(cfg)
     cfg.TEST.AMP.PRECISION = "fp8"
-    with pytest.raises(SetupError, match=r"^TEST.AMP.PRECISION: unknown precision 'fp8'; choose one of"):
+    with pytest.raises(
+        SetupError, match=r"^TEST.AMP.PRECISION: unknown precision 'fp8'; choose one of"
+    ):
         check_precision_config(cfg)
     cfg.TEST.AMP.PRECISION = "auto"
     cfg.SOLVER.AMP.PRECISION = "half"

@@ -1,5 +1,6 @@
-"""train_net.py with SOLVER.AMP on the CPU, in subprocesses on tiny data: a bfloat16 run checkpointed
-and resumed, and 2-process gloo DDP in bfloat16 with TEST.AMP evaluation."""
+"""train_net.py with SOLVER.AMP on the CPU, in subprocesses on tiny data: a bfloat16 run
+checkpointed and resumed, and 2-process gloo DDP in bfloat16 with TEST.AMP evaluation."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,12 +19,20 @@ def _trainer_state(path: Path) -> dict:
 
 @pytest.mark.slow
 def test_bfloat16_run_resumes_with_its_trainer_state(tmp_path: Path) -> None:
-    """The AMP trainer's state (optimizer, scaler entry) goes through a real checkpoint and --resume.
+    """The AMP trainer's state (optimizer, scaler entry) survives a real checkpoint + --resume.
 
     float16 is not run here: its CPU convolutions use reference kernels ~100x slower than fp32; the
     GradScaler's own state round trip is tested in test_amp.py."""
     out = tmp_path / "out"
-    opts = [*BFLOAT16, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()"]
+    opts = [
+        *BFLOAT16,
+        "SOLVER.MAX_ITER",
+        "4",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "2",
+        "DATASETS.TEST",
+        "()",
+    ]
     first = run_train_net(shapes_run(tmp_path, out, *opts))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "SOLVER.AMP: bfloat16 on cpu" in first.stdout
@@ -43,14 +52,28 @@ def test_bfloat16_run_resumes_with_its_trainer_state(tmp_path: Path) -> None:
 def test_two_process_gloo_bfloat16_training_with_test_amp_evaluation(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = run_train_net(
-        shapes_run(tmp_path, out, "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bfloat16",
-                   "TEST.AMP.ENABLED", "True", "TEST.AMP.PRECISION", "bfloat16", "SOLVER.MAX_ITER", "3",
-                   flags=["--num-gpus", "2", "--dist-url", "auto"]),
+        shapes_run(
+            tmp_path,
+            out,
+            "SOLVER.AMP.ENABLED",
+            "True",
+            "SOLVER.AMP.PRECISION",
+            "bfloat16",
+            "TEST.AMP.ENABLED",
+            "True",
+            "TEST.AMP.PRECISION",
+            "bfloat16",
+            "SOLVER.MAX_ITER",
+            "3",
+            flags=["--num-gpus", "2", "--dist-url", "auto"],
+        ),
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert "World size: 2" in log
     assert "SOLVER.AMP: bfloat16 on cpu" in log and "TEST.AMP: bfloat16 on cpu" in log
-    assert _trainer_state(out / "model_final.pth")["_trainer"]["grad_scaler"] == {}  # no loss scaling
+    assert (
+        _trainer_state(out / "model_final.pth")["_trainer"]["grad_scaler"] == {}
+    )  # no loss scaling
     assert list(ap_rows(result.stdout)) == ["bbox"]

@@ -25,8 +25,9 @@ def add_training_config(cfg: CN) -> None:
     cfg.SOLVER.OPTIMIZER = "SGD"
     # AdamW's (beta1, beta2); SGD uses SOLVER.MOMENTUM instead.
     cfg.SOLVER.BETAS = (0.9, 0.999)
-    # Training autocast dtype with detectron2's SOLVER.AMP.ENABLED: "auto" (float16 + GradScaler on
-    # CUDA, bfloat16 on a CPU with native bf16, else fp32) | "float16" | "bfloat16"; see fcos.precision.
+    # Training autocast dtype with detectron2's SOLVER.AMP.ENABLED: "auto" (float16 + GradScaler
+    # on CUDA, bfloat16 on a CPU with native bf16, else fp32) | "float16" | "bfloat16"
+    # (fcos.precision).
     cfg.SOLVER.AMP.PRECISION = "auto"
     cfg.DATASETS.SHAPES = CN()
     # Where the embedded dataset is generated; "" = fcos.data.shapes' default (datasets/generated/shapes in the repository).

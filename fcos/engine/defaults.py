@@ -42,7 +42,7 @@ def resolve_device(cfg: CfgNode) -> None:
 
 
 def check_precision_config(cfg: CfgNode) -> None:
-    """``SOLVER.AMP``/``TEST.AMP`` must name a precision ``MODEL.DEVICE`` can run (SetupError if not)."""
+    """``SOLVER.AMP``/``TEST.AMP`` must name a precision ``MODEL.DEVICE`` runs (else SetupError)."""
     device_type = torch.device(cfg.MODEL.DEVICE).type
     for key, node in (("SOLVER.AMP", cfg.SOLVER.AMP), ("TEST.AMP", cfg.TEST.AMP)):
         try:

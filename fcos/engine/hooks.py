@@ -4,8 +4,8 @@
 * :class:`FiniteLossMixin` stops training at the first NaN/Inf loss, in every process, before the
   optimizer step, naming the iteration: detectron2 0.6 only raises in the main process (the others then
   hang in the next collective until the 30-minute timeout) and after the bad gradients were computed.
-* :class:`FiniteLossAMPTrainer` is the mixed-precision step on CPU and CUDA (detectron2's ``AMPTrainer``
-  asserts CUDA, in 0.6 and main).
+* :class:`FiniteLossAMPTrainer` is the mixed-precision step on CPU and CUDA (detectron2's
+  ``AMPTrainer`` asserts CUDA, in 0.6 and main).
 """
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ class FiniteLossMixin:
             raise NonFiniteLossError(
                 f"Loss became NaN or Inf at iteration {self.iter} ({where}); training stopped before the "
                 "optimizer step, so the last checkpoint is intact. Lower SOLVER.BASE_LR, enable "
-                "SOLVER.CLIP_GRADIENTS, try SOLVER.AMP.PRECISION bfloat16 (if float16), or check the "
-                "data (dataset/check.py)"
+                "SOLVER.CLIP_GRADIENTS, try SOLVER.AMP.PRECISION bfloat16 (if float16), or check "
+                "the data (dataset/check.py)"
             )
         super()._write_metrics(loss_dict, data_time, prefix)  # type: ignore[misc]
 
@@ -60,20 +60,27 @@ class FiniteLossTrainer(FiniteLossMixin, SimpleTrainer):
 class FiniteLossAMPTrainer(FiniteLossMixin, SimpleTrainer):
     """SimpleTrainer's step under ``torch.autocast`` on any device, plus a GradScaler for float16.
 
-    Order per step: forward and losses under autocast; backward of the (scaled) loss; the NaN/Inf loss
-    check on all ranks; ``unscale_`` so that gradient clipping, which detectron2 runs inside
-    ``optimizer.step`` (``SOLVER.CLIP_GRADIENTS``), sees true gradients; the scaler's step, which skips
-    the update when a gradient overflowed in float16 (identically on every DDP rank: gradients are
-    all-reduced before the check); the scale update. Without float16 the scaler is disabled and those
-    calls are plain ``optimizer.step()``. Its state goes into the trainer state (``--resume``).
+    Order per step: forward and losses under autocast; backward of the (scaled) loss; the NaN/Inf
+    loss check on all ranks; ``unscale_`` so that gradient clipping, which detectron2 runs inside
+    ``optimizer.step`` (``SOLVER.CLIP_GRADIENTS``), sees true gradients; the scaler's step, which
+    skips the update when a gradient overflowed in float16 (identically on every DDP rank:
+    gradients are all-reduced before the check); the scale update. Without float16 the scaler is
+    disabled and those calls are plain ``optimizer.step()``. Its state goes into the trainer state
+    (``--resume``).
     """
 
     def __init__(
-        self, model: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer, precision: Precision
+        self,
+        model: nn.Module,
+        data_loader: Iterable,
+        optimizer: torch.optim.Optimizer,
+        precision: Precision,
     ) -> None:
         super().__init__(model, data_loader, optimizer)
         self.precision = precision
-        self.grad_scaler = torch.amp.GradScaler(precision.device_type, enabled=precision.needs_grad_scaler)
+        self.grad_scaler = torch.amp.GradScaler(
+            precision.device_type, enabled=precision.needs_grad_scaler
+        )
 
     def run_step(self) -> None:
         assert self.model.training, "[FiniteLossAMPTrainer] model was changed to eval mode!"
@@ -102,8 +109,10 @@ class FiniteLossAMPTrainer(FiniteLossMixin, SimpleTrainer):
         super().load_state_dict(state_dict)
         scaler_state = state_dict.get("grad_scaler") or {}
         if self.grad_scaler.is_enabled() and not scaler_state:
-            logger.info("The checkpoint has no GradScaler state (trained without float16): the loss "
-                        f"scale starts at {self.grad_scaler.get_scale():g}")
+            logger.info(
+                "The checkpoint has no GradScaler state (trained without float16): the loss scale "
+                f"starts at {self.grad_scaler.get_scale():g}"
+            )
         elif scaler_state:
             self.grad_scaler.load_state_dict(scaler_state)
 

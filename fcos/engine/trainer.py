@@ -86,9 +86,9 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def training_precision(cfg: CfgNode) -> Precision:
-    """``SOLVER.AMP`` resolved for ``MODEL.DEVICE``, logged (once per process, at trainer creation)."""
-    amp = cfg.SOLVER.AMP
-    precision = resolve_precision("SOLVER.AMP", amp.ENABLED, amp.PRECISION, torch.device(cfg.MODEL.DEVICE).type)
+    """``SOLVER.AMP`` resolved for ``MODEL.DEVICE``, logged once per process (trainer creation)."""
+    amp, device_type = cfg.SOLVER.AMP, torch.device(cfg.MODEL.DEVICE).type
+    precision = resolve_precision("SOLVER.AMP", amp.ENABLED, amp.PRECISION, device_type)
     if precision.warning:
         logger.warning(precision.warning)
     logger.info(precision.description)
