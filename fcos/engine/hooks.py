@@ -47,8 +47,7 @@ class FiniteLossMixin:
             raise NonFiniteLossError(
                 f"Loss became NaN or Inf at iteration {self.iter} ({where}); training stopped before the "
                 "optimizer step, so the last checkpoint is intact. Lower SOLVER.BASE_LR, enable "
-                "SOLVER.CLIP_GRADIENTS, try SOLVER.AMP.PRECISION bfloat16 (if float16), or check "
-                "the data (dataset/check.py)"
+                "SOLVER.CLIP_GRADIENTS, or check the data (dataset/check.py)"
             )
         super()._write_metrics(loss_dict, data_time, prefix)  # type: ignore[misc]
 
