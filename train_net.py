@@ -45,7 +45,7 @@ from fcos.engine.datasets import (  # noqa: E402
     uses_shapes,
 )
 from fcos.engine.curves import archive_previous_metrics  # noqa: E402
-from fcos.engine.defaults import resolve_device  # noqa: E402
+from fcos.engine.defaults import check_precision_config, resolve_device  # noqa: E402
 from fcos.engine.evaluation import format_ap_table  # noqa: E402
 from fcos.engine.launch import launch  # noqa: E402
 from fcos.engine.trainer import FCOSTrainer  # noqa: E402
@@ -95,6 +95,7 @@ def setup_config(args: argparse.Namespace, world_size: int) -> CfgNode:
     apply_sizes_from_data(cfg, size_source, args.opts)
     _check_weights_exist(cfg, args.resume)
     resolve_device(cfg)
+    check_precision_config(cfg)
     reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
     if reference and cfg.SOLVER.IMS_PER_BATCH % reference != 0:
         raise SetupError(

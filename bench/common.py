@@ -5,6 +5,10 @@ from its model zoo LazyConfig ``COCO-Detection/fcos_R_50_FPN_1x.py`` (R-50-FPN, 
 convs, 80 classes). Both start from random weights: no checkpoint can be downloaded here, and speed does
 not depend on the weight values except through how many candidates survive decoding, which the
 inference benchmark equalises explicitly (see ``bench/inference.py``).
+
+``--precision`` runs ours under mixed precision (``TEST.AMP`` / ``SOLVER.AMP``'s autocast) while
+the peer stays in fp32, the comparison a user choosing between the two makes; ``--device cuda`` runs
+both on the GPU, with ``torch.cuda.synchronize()`` closing every timed call.
 """
 from __future__ import annotations
 
@@ -39,28 +43,41 @@ PEER_CONFIG = "COCO-Detection/fcos_R_50_FPN_1x.py"
 # training step updates the same layers in both (the seed config's FREEZE_AT 3 would flatter ours).
 PEER_FREEZE_AT = 2
 FULL_SIZE = (800, 1333)
+# --precision values: fp32 (no autocast) or an autocast dtype of fcos.precision.
+BENCH_PRECISIONS = ("fp32", "float16", "bfloat16")
 
 
-def ours_cfg(opts: Sequence[str] = ()) -> CfgNode:
-    """The project's default R-50 config on CPU, no weights file, the peer's FREEZE_AT; ``opts`` last."""
+def ours_cfg(opts: Sequence[str] = (), device: str = "cpu", precision: str = "fp32") -> CfgNode:
+    """The project's default R-50 config on ``device``, no weights file, the peer's FREEZE_AT,
+    inference in ``precision`` (``TEST.AMP``); ``opts`` last."""
     cfg = get_fcos_cfg()
     cfg.merge_from_file(str(OURS_CONFIG))
     cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE = device
+    cfg.TEST.AMP.ENABLED = precision != "fp32"
+    cfg.TEST.AMP.PRECISION = precision if precision != "fp32" else "auto"
     cfg.MODEL.BACKBONE.FREEZE_AT = PEER_FREEZE_AT
     cfg.merge_from_list(list(opts))
     return cfg
 
 
-def build_ours(opts: Sequence[str] = (), seed: int = 0) -> nn.Module:
+def build_ours(
+    opts: Sequence[str] = (), seed: int = 0, device: str = "cpu", precision: str = "fp32"
+) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model(ours_cfg(opts))
+    return build_model(ours_cfg(opts, device, precision))
 
 
-def build_peer(seed: int = 0) -> nn.Module:
-    """detectron2's FCOS exactly as its model-zoo LazyConfig defines it."""
+def build_peer(seed: int = 0, device: str = "cpu") -> nn.Module:
+    """detectron2's FCOS exactly as its model-zoo LazyConfig defines it (fp32)."""
     torch.manual_seed(seed)
-    return instantiate(model_zoo.get_config(PEER_CONFIG).model)
+    return instantiate(model_zoo.get_config(PEER_CONFIG).model).to(device)
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so that a timing covers it (no-op on the CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def random_image(height: int, width: int, seed: int) -> torch.Tensor:
@@ -84,12 +101,15 @@ def random_instances(image_size: Tuple[int, int], num_boxes: int, seed: int, num
     return instances
 
 
-def inference_call(model: nn.Module, inputs: List[Dict[str, Any]]) -> Callable[[], None]:
+def inference_call(
+    model: nn.Module, inputs: List[Dict[str, Any]], device: str = "cpu"
+) -> Callable[[], None]:
     """A no-argument callable running ``model(inputs)`` under ``torch.inference_mode`` (for timing)."""
 
     def call() -> None:
         with torch.inference_mode():
             model(inputs)
+        synchronize(device)
 
     return call
 
@@ -164,7 +184,11 @@ def _windows_peak_working_set() -> int:
     return counters.PeakWorkingSetSize
 
 
-def machine_info(threads: int) -> Dict[str, Any]:
+def gpu_name(device: str) -> str | None:
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+
+
+def machine_info(threads: int, device: str = "cpu") -> Dict[str, Any]:
     """What a reader needs to compare these numbers with theirs; load average shows how busy the host was."""
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
@@ -179,6 +203,8 @@ def machine_info(threads: int) -> Dict[str, Any]:
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),
         "torch_threads": threads,
+        "device": device,
+        "gpu": gpu_name(device),
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "torch": torch.__version__,

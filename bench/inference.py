@@ -1,6 +1,8 @@
 """Inference time of ours vs detectron2's FCOS: R-50-FPN, batch 1, ``torch.inference_mode``, interleaved runs.
 
     python -m bench.inference [--threads 1] [--repeats 10] [--json out.json]
+    python -m bench.inference --precision bfloat16    # ours under TEST.AMP bf16, the peer fp32
+    python -m bench.inference --device cuda --precision float16
 
 Random weights leave every class probability near PRIOR_PROB (0.01), so neither model would keep a
 single candidate and decoding would cost nothing. To compare the models under the same, realistic
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .common import (
+    BENCH_PRECISIONS,
     FULL_SIZE,
     build_ours,
     build_peer,
@@ -41,7 +44,8 @@ def head_outputs(model: nn.Module, inputs: Inputs) -> Tuple[List[Tensor], List[T
 
     def keep(_module: nn.Module, _inputs: object, output: Tuple[List[Tensor], ...]) -> None:
         # Copies: detectron2's FCOS applies sigmoid_ in place to views of these maps after the head.
-        captured["out"] = ([x.clone() for x in output[0]], [x.clone() for x in output[2]])
+        # fp32 copies: under TEST.AMP the maps are bf16/fp16, and decoding compares them in fp32.
+        captured["out"] = ([x.float() for x in output[0]], [x.float() for x in output[2]])
 
     handle = model.head.register_forward_hook(keep)
     try:
@@ -87,11 +91,17 @@ def peer_passes(score_thresh: float) -> Callable[[Tensor, Tensor], Tensor]:
     return lambda logits, centerness: torch.sqrt(logits.sigmoid() * centerness.sigmoid()) > score_thresh
 
 
-def run(threads: int, size: Tuple[int, int], warmup: int, repeats: int, fraction: float) -> Dict:
+def run(
+    threads: int, size: Tuple[int, int], warmup: int, repeats: int, fraction: float,
+    device: str = "cpu", precision: str = "fp32",
+) -> Dict:
     set_threads(threads)
     height, width = size
     inputs: Inputs = [{"image": random_image(height, width, seed=0), "height": height, "width": width}]
-    models = {"ours": build_ours().eval(), "peer": build_peer().eval()}
+    models = {
+        "ours": build_ours(device=device, precision=precision).eval(),
+        "peer": build_peer(device=device).eval(),
+    }
     biases = {
         "ours": calibrate_class_bias(models["ours"], inputs, ours_passes(models["ours"].score_thresh_test), fraction),
         "peer": calibrate_class_bias(models["peer"], inputs, peer_passes(models["peer"].test_score_thresh), fraction),
@@ -101,17 +111,20 @@ def run(threads: int, size: Tuple[int, int], warmup: int, repeats: int, fraction
         with torch.inference_mode():
             detections[name] = len(model(inputs)[0]["instances"])
     times = interleaved_times(
-        {name: inference_call(m, inputs) for name, m in models.items()}, warmup=warmup, repeats=repeats
+        {name: inference_call(m, inputs, device) for name, m in models.items()},
+        warmup=warmup,
+        repeats=repeats,
     )
     result = {
         "benchmark": "inference",
+        "precision": precision,
         "size": list(size),
         "candidate_fraction": fraction,
         "class_bias": biases,
         "detections": detections,
         "wall": {name: summarize(t["wall"]) for name, t in times.items()},
         "cpu": {name: summarize(t["cpu"]) for name, t in times.items()},
-        "machine": machine_info(threads),
+        "machine": machine_info(threads, device),
     }
     for clock in ("wall", "cpu"):
         result[f"ratio_{clock}_median"] = result[clock]["ours"]["median"] / result[clock]["peer"]["median"]
@@ -133,13 +146,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--candidate-fraction", type=float, default=0.01)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--precision", choices=BENCH_PRECISIONS, default="fp32",
+                        help="ours under TEST.AMP in this dtype; the peer runs fp32 (default fp32)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
-    result = run(args.threads, args.size, args.warmup, args.repeats, args.candidate_fraction)
+    result = run(args.threads, args.size, args.warmup, args.repeats, args.candidate_fraction,
+                 args.device, args.precision)
     for clock in ("wall", "cpu"):
         stats = result[clock]
         print(
-            f"{clock:4s}: ours {stats['ours']['median']:.3f} s (min {stats['ours']['min']:.3f}), "
+            f"{clock:4s}: ours ({args.precision}) "
+            f"{stats['ours']['median']:.3f} s (min {stats['ours']['min']:.3f}), "
             f"peer {stats['peer']['median']:.3f} s (min {stats['peer']['min']:.3f}), "
             f"ratio {result[f'ratio_{clock}_median']:.3f}"
         )

@@ -1,9 +1,13 @@
 """Run every benchmark (each in its own process) and write ``bench/RESULTS.md``.
 
-    .venv/bin/python -m bench.run_all [--threads 1] [--quick] [--output bench/RESULTS.md]
+    .venv/bin/python -m bench.run_all [--threads 1] [--quick] [--device cpu] [--output RESULTS.md]
 
 Takes about 32 minutes with one thread on an idle 2-core machine (the 800x1333 training steps dominate);
 ``--quick`` runs fewer repetitions and only the small training size (a smoke run, not for the README).
+Inference and the training step also run with ours in mixed precision (bf16 on a CPU, fp16 and
+bf16 on a GPU) against the fp32 peer; with a trained embedded model (``scripts/run_embedded.sh``)
+its val AP in fp32 and bf16 is compared too (``bench.amp_ap``). ``--device cuda`` runs everything
+that has a model on the GPU.
 """
 from __future__ import annotations
 
@@ -17,10 +21,13 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .amp_ap import DEFAULT_WEIGHTS
 from .common import REPO, machine_info
 
 # Run after inference, which runs once per thread count (NHWC's gain differs with the thread count).
 OTHER_BENCHMARKS = ("train_step", "assign", "flops", "coco_eval")
+# Mixed-precision variants of ours per device type (the peer stays fp32).
+MIXED_PRECISIONS = {"cpu": ("bfloat16",), "cuda": ("float16", "bfloat16")}
 
 
 def bench_args(name: str, quick: bool) -> List[str]:
@@ -31,12 +38,17 @@ def bench_args(name: str, quick: bool) -> List[str]:
         return ["--sizes", "512x853", "--repeats", "2"] if quick else ["--repeats", "5"]
     if name == "assign":
         return ["--repeats", "1"] if quick else ["--repeats", "3"]
+    if name == "amp_ap":
+        return []
     return ["--repeats", "1"] if quick else ["--repeats", "3"]
 
 
-def run_benchmark(name: str, threads: int, quick: bool, out_dir: Path) -> Dict:
-    path = out_dir / f"{name}-{threads}.json"
+def run_benchmark(
+    name: str, threads: int, quick: bool, out_dir: Path, extra: Sequence[str] = (), tag: str = ""
+) -> Dict:
+    path = out_dir / f"{name}-{threads}{tag}.json"
     command = [sys.executable, "-m", f"bench.{name}", "--threads", str(threads), "--json", str(path)]
+    command += extra
     print(f"==> {' '.join(command[1:] + bench_args(name, quick))}", flush=True)
     done = subprocess.run(command + bench_args(name, quick), cwd=REPO, check=False)
     if done.returncode != 0:
@@ -55,8 +67,10 @@ def inference_table(results: Sequence[Dict]) -> List[str]:
     ]
     for result in results:
         wall, cpu, threads = result["wall"], result["cpu"], result["machine"]["torch_threads"]
+        precision = result.get("precision", "fp32")
         lines += [
-            f"| {threads} | ours (`configs/fcos_R_50_FPN.yaml`) | {_spread(wall['ours'])} | {_spread(cpu['ours'])} |",
+            f"| {threads} | ours (`configs/fcos_R_50_FPN.yaml`, **{precision}**) | "
+            f"{_spread(wall['ours'])} | {_spread(cpu['ours'])} |",
             f"| {threads} | detectron2 0.6 FCOS | {_spread(wall['peer'])} | {_spread(cpu['peer'])} |",
             f"| {threads} | **ours / detectron2 (medians)** | **{result['ratio_wall_median']:.3f}** | "
             f"**{result['ratio_cpu_median']:.3f}** |",
@@ -64,15 +78,17 @@ def inference_table(results: Sequence[Dict]) -> List[str]:
     return lines
 
 
-def train_table(result: Dict) -> List[str]:
+def train_table(results: Sequence[Dict]) -> List[str]:
     lines = [
-        "| input | ours wall s | detectron2 wall s | ours CPU s | detectron2 CPU s | ratio wall | ratio CPU |",
-        "|---|---|---|---|---|---|---|",
+        "| input | ours precision | ours wall s | detectron2 (fp32) wall s | ours CPU s "
+        "| detectron2 CPU s | ratio wall | ratio CPU |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for entry in result["sizes"]:
+    for result, entry in ((r, e) for r in results for e in r["sizes"]):
         wall, cpu = entry["wall"], entry["cpu"]
         lines.append(
-            f"| {entry['size'][0]}×{entry['size'][1]} | {_spread(wall['ours'])} | {_spread(wall['peer'])} | "
+            f"| {entry['size'][0]}×{entry['size'][1]} | {result.get('precision', 'fp32')} | "
+            f"{_spread(wall['ours'])} | {_spread(wall['peer'])} | "
             f"{_spread(cpu['ours'])} | {_spread(cpu['peer'])} | **{entry['ratio_wall_median']:.3f}** | "
             f"**{entry['ratio_cpu_median']:.3f}** |"
         )
@@ -135,12 +151,34 @@ def coco_eval_table(result: Dict) -> List[str]:
     ]
 
 
-def report(results: Dict[str, Dict], threads: int, load_before: Optional[float], quick: bool) -> str:
-    machine = machine_info(threads)
+def amp_ap_lines(result: Optional[Dict]) -> List[str]:
+    if result is None:
+        return ["Not run: no trained embedded model (`bash scripts/run_embedded.sh` writes "
+                "`output/fcos_shapes/model_final.pth`)."]
+    lines = ["| evaluation | AP | AP50 | AP75 | seconds |", "|---|---|---|---|---|"]
+    for name, run in result["runs"].items():
+        box = run["bbox"]
+        lines.append(
+            f"| {name} | {box['AP']:.2f} | {box['AP50']:.2f} | {box['AP75']:.2f} "
+            f"| {run['seconds']:.1f} |"
+        )
+    lines += ["", f"**|ΔAP| = {abs(result['delta_ap']):.2f}** (`{result['weights']}`)"]
+    return lines
+
+
+def report(
+    results: Dict[str, Dict],
+    threads: int,
+    load_before: Optional[float],
+    quick: bool,
+    device: str = "cpu",
+) -> str:
+    machine = machine_info(threads, device)
     load = f"{load_before:.2f} → {machine['load_average_1min']:.2f}" if load_before is not None else "n/a"
     inference = results["inference"]
     runs = inference[0]["wall"]["ours"]["runs"]
-    train_runs = results["train_step"]["sizes"][0]["wall"]["ours"]["runs"]
+    train_runs = results["train_step"][0]["sizes"][0]["wall"]["ours"]["runs"]
+    gpu = f", GPU {machine['gpu']}" if machine["gpu"] else ""
     other_threads = [r["machine"]["torch_threads"] for r in inference if r["machine"]["torch_threads"] != threads]
     also = f" (inference also with {', '.join(map(str, other_threads))})" if other_threads else ""
     lines = [
@@ -149,7 +187,8 @@ def report(results: Dict[str, Dict], threads: int, load_before: Optional[float],
         f"Written by `python -m bench.run_all{' --quick' if quick else ''}` on "
         f"{datetime.date.today().isoformat()}, commit `{machine['commit']}`.",
         "",
-        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs; Python {machine['python']}, "
+        f"Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs{gpu}; "
+        f"Python {machine['python']}, "
         f"torch {machine['torch']}; **{threads} torch thread(s) for every model**{also}; 1-minute load average "
         f"{load} (other jobs shared the host). Wall time is what a user waits; CPU time (this process only) "
         "leaves out time the host gave the core to other jobs, so it is the steadier comparison here. Runs "
@@ -168,6 +207,10 @@ def report(results: Dict[str, Dict], threads: int, load_before: Optional[float],
         f"## Training step: batch 2, forward + backward + SGD step ({train_runs} runs each)",
         "",
         *train_table(results["train_step"]),
+        "",
+        "## Embedded model: val AP in fp32 and under TEST.AMP (`bench.amp_ap`)",
+        "",
+        *amp_ap_lines(results.get("amp_ap")),
         "",
         "## Target assignment: one 800×1333 image, default config (center sampling 1.5)",
         "",
@@ -197,14 +240,35 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every benchmark (default 1)")
     parser.add_argument("--quick", action="store_true", help="few repetitions, small training size only")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "RESULTS.md")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     inference_threads = sorted({args.threads, os.cpu_count() or args.threads})
+    device = ["--device", args.device]
+    precisions = ("fp32", *MIXED_PRECISIONS["cuda" if args.device.startswith("cuda") else "cpu"])
     with tempfile.TemporaryDirectory(prefix="fcos-bench-") as tmp:
-        results: Dict = {"inference": [run_benchmark("inference", n, args.quick, Path(tmp)) for n in inference_threads]}
-        results.update({name: run_benchmark(name, args.threads, args.quick, Path(tmp)) for name in OTHER_BENCHMARKS})
-    text = report(results, args.threads, load_before, args.quick)
+        results: Dict = {
+            "inference": [
+                run_benchmark("inference", n, args.quick, Path(tmp), [*device, "--precision", p],
+                              f"-{p}")
+                for p in precisions
+                for n in inference_threads
+            ],
+            "train_step": [
+                run_benchmark("train_step", args.threads, args.quick, Path(tmp),
+                              [*device, "--precision", p], f"-{p}")
+                for p in precisions
+            ],
+        }
+        results.update({name: run_benchmark(name, args.threads, args.quick, Path(tmp))
+                        for name in OTHER_BENCHMARKS if name != "train_step"})
+        if DEFAULT_WEIGHTS.is_file():
+            mixed = ["--precision", precisions[-1]]
+            results["amp_ap"] = run_benchmark(
+                "amp_ap", args.threads, args.quick, Path(tmp), [*device, *mixed]
+            )
+    text = report(results, args.threads, load_before, args.quick, args.device)
     tmp_output = args.output.with_name(args.output.name + ".tmp")
     tmp_output.write_text(text, encoding="utf-8")
     os.replace(tmp_output, args.output)

@@ -69,6 +69,9 @@ def add_fcos_config(cfg: CN) -> None:
     _C.MODEL.FCOS.FAST_CPU_INFERENCE = True
     # Bounds the (points x GT boxes) work of target assignment; results do not depend on it.
     _C.MODEL.FCOS.ASSIGNMENT_CHUNK_ELEMENTS = 1 << 21
+    # Inference under autocast ("auto" | "float16" | "bfloat16", see fcos.precision): backbone and
+    # head in the reduced dtype, decoding in fp32. detectron2 itself has only SOLVER.AMP.
+    _C.TEST.AMP = CN({"ENABLED": False, "PRECISION": "auto"})
     # How checkpoints are read, a loading policy rather than a model parameter. Off: files are read
     # without executing pickled code (``fcos.safe_pickle``) and one that needs more is refused with a
     # message naming this key; turn it on only for files from a trusted source.

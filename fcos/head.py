@@ -109,5 +109,7 @@ class FCOSHead(nn.Module):
             if self.norm_reg_targets:
                 box_reg.append(F.relu(reg) * self.fpn_strides[level])
             else:
-                box_reg.append(torch.exp(reg))
+                # fp32: exp overflows float16 above ln(65504) ~ 11.1, which an untrained or
+                # diverging head can reach; fp32 only past 88, a distance of 1.6e38 pixels.
+                box_reg.append(torch.exp(reg.float()))
         return logits, box_reg, centerness

@@ -123,6 +123,11 @@ def fcos_losses(
         ("iou"); with no foreground the last two are 0 but still depend on the predictions, so every
         parameter gets a (zero) gradient, as DDP requires.
     """
+    # fp32 from upcast predictions (identity in fp32 training): under autocast the head's outputs
+    # may be fp16/bf16, whose ~3 significant digits would round the focal and log terms away.
+    pred_logits, pred_deltas, pred_centerness = (
+        t.float() for t in (pred_logits, pred_deltas, pred_centerness)
+    )
     check_finite_predictions({
         "class logits (cls_score)": pred_logits,
         "box regression (bbox_pred)": pred_deltas,

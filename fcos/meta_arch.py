@@ -12,6 +12,7 @@ Module and parameter names are untouched (checkpoint contract).
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -26,7 +27,10 @@ from .fast_inference import fold_frozen_batchnorms
 from .head import FCOSHead
 from .inference import image_candidates, select_detections
 from .losses import fcos_losses
+from .precision import Precision, check_precision, resolve_precision, upcast
 from .targets import FCOSTargetAssigner, grid_points
+
+logger = logging.getLogger(__name__)
 
 
 @META_ARCH_REGISTRY.register()
@@ -59,6 +63,7 @@ class FCOS(DenseDetector):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         box_quality: str = "ctrness",
+        test_amp: Tuple[bool, str] = (False, "auto"),
     ) -> None:
         super().__init__(backbone, head, list(head_in_features), pixel_mean=pixel_mean, pixel_std=pixel_std)
         self.fast_cpu_inference = fast_cpu_inference
@@ -81,6 +86,10 @@ class FCOS(DenseDetector):
         self.max_detections_per_image = max_detections_per_image
         # Only training differs: at test time the branch's output (centerness or IoU) scores alike.
         self.box_quality = box_quality
+        # (TEST.AMP.ENABLED, TEST.AMP.PRECISION), resolved per device type at the first forward.
+        check_precision("TEST.AMP", test_amp[1])
+        self.test_amp = (bool(test_amp[0]), str(test_amp[1]))
+        self._inference_precisions: Dict[str, Precision] = {}
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> Dict:
@@ -129,7 +138,31 @@ class FCOS(DenseDetector):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "box_quality": fc.BOX_QUALITY,
+            "test_amp": (cfg.TEST.AMP.ENABLED, cfg.TEST.AMP.PRECISION),
         }
+
+    def inference_precision(self) -> Precision:
+        """``TEST.AMP`` resolved for the model's current device (logged once per device type)."""
+        device_type = self.device.type
+        if device_type not in self._inference_precisions:
+            precision = resolve_precision("TEST.AMP", *self.test_amp, device_type)
+            if precision.warning:
+                logger.warning(precision.warning)
+            logger.info(precision.description)
+            self._inference_precisions[device_type] = precision
+        return self._inference_precisions[device_type]
+
+    def forward(self, batched_inputs: List[Dict[str, Tensor]]):  # type: ignore[override]
+        """DenseDetector's forward; in eval mode under ``TEST.AMP``'s autocast.
+
+        So every caller (evaluator, ``--eval-only``, demo, predictor, bench) gets mixed precision
+        from the config alone. Decoding stays fp32: ``candidates`` upcasts the head's maps, and
+        nothing after it is an op that autocast lowers (it has no matmul or convolution).
+        """
+        if self.training:
+            return super().forward(batched_inputs)
+        with self.inference_precision().autocast():
+            return super().forward(batched_inputs)
 
     def preprocess_image(self, batched_inputs: List[Dict[str, Tensor]]) -> ImageList:
         """detectron2's normalise-pad-batch; channels-last for CPU inference on the fast path.
@@ -189,7 +222,7 @@ class FCOS(DenseDetector):
         NMS.
         """
         points = self._points(features)
-        logits, deltas, centerness = self._flat_predictions(predictions)
+        logits, deltas, centerness = upcast(self._flat_predictions(predictions))
         return [
             image_candidates(
                 [x[i] for x in logits],

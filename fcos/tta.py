@@ -97,8 +97,10 @@ class FCOSWithTTA(nn.Module):
         """
         model = self.model
         images = model.preprocess_image([augmented])
-        features = model.backbone(images.tensor)
-        features = [features[name] for name in model.head_in_features]
-        boxes, scores, classes = model.candidates(images, features, model.head(features))[0]
+        with model.inference_precision().autocast():  # TEST.AMP, as in the model's own forward
+            features = model.backbone(images.tensor)
+            features = [features[name] for name in model.head_in_features]
+            predictions = model.head(features)
+        boxes, scores, classes = model.candidates(images, features, predictions)[0]
         original = augmented["transforms"].inverse().apply_box(boxes.cpu().numpy())
         return torch.as_tensor(original, dtype=boxes.dtype, device=boxes.device), scores, classes

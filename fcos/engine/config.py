@@ -33,7 +33,7 @@ class SetupError(ValueError):
 
 
 def add_training_config(cfg: CN) -> None:
-    """Add ``SOLVER.OPTIMIZER``/``BETAS``, ``INPUT.SIZES_FROM_DATA``, ``DATASETS.SHAPES.*``."""
+    """Add ``SOLVER.OPTIMIZER``/``BETAS``/``AMP.PRECISION``, ``INPUT.SIZES_FROM_DATA``, ``DATASETS.SHAPES.*``."""
     cfg.SOLVER.OPTIMIZER = "SGD"
     # AdamW's (beta1, beta2); SGD uses SOLVER.MOMENTUM instead.
     cfg.SOLVER.BETAS = (0.9, 0.999)
@@ -41,6 +41,10 @@ def add_training_config(cfg: CN) -> None:
     # from the run's datasets (fcos.data.sizes) when train_net.py starts; the run's config.yaml
     # holds the values.
     cfg.INPUT.SIZES_FROM_DATA = False
+    # Training autocast dtype with detectron2's SOLVER.AMP.ENABLED: "auto" (float16 + GradScaler
+    # on CUDA, bfloat16 on a CPU with native bf16, else fp32) | "float16" | "bfloat16"
+    # (fcos.precision).
+    cfg.SOLVER.AMP.PRECISION = "auto"
     cfg.DATASETS.SHAPES = CN()
     # Where the embedded dataset is generated; "" = fcos.data.shapes' default (datasets/generated/shapes in the repository).
     cfg.DATASETS.SHAPES.ROOT = ""

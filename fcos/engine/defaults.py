@@ -21,6 +21,8 @@ from torch import nn
 from fcos.checkpoint import FCOSCheckpointer, LoadReport, check_weights_file
 from fcos.data import shapes
 from fcos.data.common import coco_category_names
+from fcos.precision import resolve_precision
+from fcos.config import FCOSConfigError
 
 from .config import SetupError, get_fcos_cfg, merge_config
 from .datasets import num_classes_set_explicitly
@@ -35,6 +37,16 @@ def resolve_device(cfg: CfgNode) -> None:
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available: using the CPU")
         cfg.MODEL.DEVICE = "cpu"
+
+
+def check_precision_config(cfg: CfgNode) -> None:
+    """``SOLVER.AMP``/``TEST.AMP`` must name a precision ``MODEL.DEVICE`` runs (else SetupError)."""
+    device_type = torch.device(cfg.MODEL.DEVICE).type
+    for key, node in (("SOLVER.AMP", cfg.SOLVER.AMP), ("TEST.AMP", cfg.TEST.AMP)):
+        try:
+            resolve_precision(key, node.ENABLED, node.PRECISION, device_type)
+        except FCOSConfigError as err:
+            raise SetupError(str(err)) from None
 
 
 def load_config(config_file: str, opts: Sequence[str], ann_file: Optional[str] = None) -> CfgNode:
@@ -52,6 +64,7 @@ def load_config(config_file: str, opts: Sequence[str], ann_file: Optional[str] =
             logger.info(f"MODEL.FCOS.NUM_CLASSES = {len(names)}, from the categories of {source}")
         cfg.MODEL.FCOS.NUM_CLASSES = len(names)
     resolve_device(cfg)
+    check_precision_config(cfg)
     cfg.freeze()
     return cfg
 

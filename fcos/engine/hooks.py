@@ -7,20 +7,24 @@
   loss computation, ``fcos.losses.check_finite_predictions``) or loss, in every process, before the
   optimizer step, naming the iteration: detectron2 0.6 only raises in the main process (the others then
   hang in the next collective until the 30-minute timeout) and after the bad gradients were computed.
+* :class:`FiniteLossAMPTrainer` is the mixed-precision step on CPU and CUDA (detectron2's
+  ``AMPTrainer`` asserts CUDA, in 0.6 and main).
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping, Optional, Sequence
+import time
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer
+from detectron2.engine import HookBase, SimpleTrainer
 from detectron2.utils import comm
 from torch import nn
 
 from fcos.errors import DIVERGENCE_HINT, NonFiniteLossError
+from fcos.precision import Precision
 
 from .curves import CURVE_FILE, plot_training_curves
 
@@ -74,8 +78,68 @@ class FiniteLossTrainer(FiniteLossMixin, SimpleTrainer):
     """detectron2's SimpleTrainer that stops at a NaN/Inf loss in every process."""
 
 
-class FiniteLossAMPTrainer(FiniteLossMixin, AMPTrainer):
-    """detectron2's AMPTrainer (CUDA only) that stops at a NaN/Inf loss in every process."""
+class AutocastTrainer(SimpleTrainer):
+    """SimpleTrainer's step under ``torch.autocast`` on any device, plus a GradScaler for float16.
+
+    Order per step: forward and losses under autocast; backward of the (scaled) loss; the NaN/Inf
+    loss check on all ranks; ``unscale_`` so that gradient clipping, which detectron2 runs inside
+    ``optimizer.step`` (``SOLVER.CLIP_GRADIENTS``), sees true gradients; the scaler's step, which
+    skips the update when a gradient overflowed in float16 (identically on every DDP rank:
+    gradients are all-reduced before the check); the scale update. Without float16 the scaler is
+    disabled and those calls are plain ``optimizer.step()``. Its state goes into the trainer state
+    (``--resume``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data_loader: Iterable,
+        optimizer: torch.optim.Optimizer,
+        precision: Precision,
+    ) -> None:
+        super().__init__(model, data_loader, optimizer)
+        self.precision = precision
+        self.grad_scaler = torch.amp.GradScaler(
+            precision.device_type, enabled=precision.needs_grad_scaler
+        )
+
+    def run_step(self) -> None:
+        assert self.model.training, "[AutocastTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with self.precision.autocast():
+            loss_dict = self.model(data)
+            losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        self.grad_scaler.scale(losses).backward()
+        after_backward = getattr(self, "after_backward", None)  # detectron2 main's hook point
+        if after_backward is not None:
+            after_backward()
+        self._write_metrics(loss_dict, data_time)
+        self.grad_scaler.unscale_(self.optimizer)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+
+    def state_dict(self) -> Dict[str, Any]:
+        ret = super().state_dict()
+        ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        scaler_state = state_dict.get("grad_scaler") or {}
+        if self.grad_scaler.is_enabled() and not scaler_state:
+            logger.info(
+                "The checkpoint has no GradScaler state (trained without float16): the loss scale "
+                f"starts at {self.grad_scaler.get_scale():g}"
+            )
+        elif scaler_state:
+            self.grad_scaler.load_state_dict(scaler_state)
+
+
+class FiniteLossAMPTrainer(FiniteLossMixin, AutocastTrainer):
+    """The mixed-precision step that stops at a NaN/Inf output or loss in every process."""
 
 
 class TrainingCurveHook(HookBase):

@@ -5,7 +5,8 @@ Changed: DDP also on CPU (gloo; detectron2 passes GPU ``device_ids``), ``find_un
 backbone that builds levels the head does not use, buffers (BatchNorm statistics) averaged over
 processes before every evaluation and checkpoint, AdamW as well as SGD, NaN/Inf stop on every rank,
 degenerate boxes dropped with a count, the training-curve PNG, COCO evaluation without the C++ extension,
-atomic checkpoints (FCOSCheckpointer) and FCOS's own test-time augmentation (FCOSWithTTA).
+atomic checkpoints (FCOSCheckpointer), FCOS's own test-time augmentation (FCOSWithTTA), and
+``SOLVER.AMP`` on CPU as well as CUDA, with the dtype chosen by ``SOLVER.AMP.PRECISION``.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fcos import FCOSCheckpointer, FCOSWithTTA
+from fcos.precision import Precision, resolve_precision
 
 from .config import OPTIMIZERS
 from .datasets import drop_degenerate_boxes
@@ -112,6 +114,16 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"SOLVER.OPTIMIZER: unknown optimizer {cfg.SOLVER.OPTIMIZER!r}; choose one of {list(OPTIMIZERS)}")
 
 
+def training_precision(cfg: CfgNode) -> Precision:
+    """``SOLVER.AMP`` resolved for ``MODEL.DEVICE``, logged once per process (trainer creation)."""
+    amp, device_type = cfg.SOLVER.AMP, torch.device(cfg.MODEL.DEVICE).type
+    precision = resolve_precision("SOLVER.AMP", amp.ENABLED, amp.PRECISION, device_type)
+    if precision.warning:
+        logger.warning(precision.warning)
+    logger.info(precision.description)
+    return precision
+
+
 class FCOSTrainer(DefaultTrainer):
     """DefaultTrainer for FCOS; see the module docstring for what differs."""
 
@@ -124,8 +136,11 @@ class FCOSTrainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(cfg, model)
-        step_class = FiniteLossAMPTrainer if cfg.SOLVER.AMP.ENABLED else FiniteLossTrainer
-        self._trainer = step_class(model, data_loader, optimizer)
+        precision = training_precision(cfg)
+        if precision.enabled:
+            self._trainer = FiniteLossAMPTrainer(model, data_loader, optimizer, precision)
+        else:
+            self._trainer = FiniteLossTrainer(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         # Atomic saves: a kill -9 during a save never leaves last_checkpoint pointing at a torn file.
         self.checkpointer = FCOSCheckpointer(
