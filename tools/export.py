@@ -220,7 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--ann_file", help="COCO JSON whose 'categories' name the classes (custom datasets)")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # force: a CLI owns the root logger (and in-process callers get a handler on their current stderr).
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
 
     def export() -> int:
         # Traced on the CPU: the graph holds no device-specific tensors, and the runtimes load it anywhere.
