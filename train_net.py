@@ -12,6 +12,7 @@ files, NUM_CLASSES that disagrees with the data) are found here, in the launchin
 any worker starts or any iteration runs. Every bad input ends the run with one line and exit status
 2, a diverging run with exit status 1 (``fcos.engine.cli``; ``FCOS_DEBUG=1`` shows the traceback).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,17 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 # fvcore's focal loss is a torch.jit.script function: torch 2.x warns at import, in every process.
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
+)
 
 from detectron2.config import CfgNode  # noqa: E402
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, hooks  # noqa: E402
+from detectron2.engine import (  # noqa: E402
+    DefaultTrainer,
+    default_argument_parser,
+    default_setup,
+    hooks,
+)
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
@@ -34,6 +42,7 @@ from fcos import FCOSCheckpointer  # noqa: E402
 from fcos.checkpoint import check_weights_file, scratch_advice  # noqa: E402
 from fcos.engine.cli import quiet_expected_errors, run  # noqa: E402
 from fcos.engine.config import SetupError, get_fcos_cfg, merge_config  # noqa: E402
+from fcos.engine.curves import archive_previous_metrics  # noqa: E402
 from fcos.engine.datasets import (  # noqa: E402
     apply_sizes_from_data,
     check_datasets_exist,
@@ -44,7 +53,6 @@ from fcos.engine.datasets import (  # noqa: E402
     use_custom_datasets,
     uses_shapes,
 )
-from fcos.engine.curves import archive_previous_metrics  # noqa: E402
 from fcos.engine.defaults import check_precision_config, resolve_device  # noqa: E402
 from fcos.engine.evaluation import format_ap_table  # noqa: E402
 from fcos.engine.launch import launch  # noqa: E402
@@ -60,21 +68,35 @@ PROJECT_LOGGER = "fcos"
 def build_parser() -> argparse.ArgumentParser:
     """detectron2's usual flags plus the seed's custom-data flags (which take effect only when given)."""
     parser = default_argument_parser()
-    group = parser.add_argument_group("custom COCO-format data (replaces DATASETS.TRAIN/TEST only when given)")
+    group = parser.add_argument_group(
+        "custom COCO-format data (replaces DATASETS.TRAIN/TEST only when given)"
+    )
     group.add_argument("--ann_file_train", help="COCO JSON of the training set")
     group.add_argument("--image_dir_train", help="folder with the training images")
-    group.add_argument("--name_train", default="dataset_train", help="dataset name to register (default: %(default)s, as in the seed)")
+    group.add_argument(
+        "--name_train",
+        default="dataset_train",
+        help="dataset name to register (default: %(default)s, as in the seed)",
+    )
     group.add_argument("--ann_file_val", help="COCO JSON of the validation set")
     group.add_argument("--image_dir_val", help="folder with the validation images")
-    group.add_argument("--name_val", default="dataset_val", help="dataset name to register (default: %(default)s, as in the seed)")
+    group.add_argument(
+        "--name_val",
+        default="dataset_val",
+        help="dataset name to register (default: %(default)s, as in the seed)",
+    )
     return parser
 
 
 def _register_datasets(cfg: CfgNode, args: argparse.Namespace, check: bool) -> None:
     """Register custom and embedded datasets named by ``args``/``cfg`` (cfg unfrozen when custom data is given)."""
     train, val = custom_datasets_from_args(
-        args.ann_file_train, args.image_dir_train, args.name_train,
-        args.ann_file_val, args.image_dir_val, args.name_val,
+        args.ann_file_train,
+        args.image_dir_train,
+        args.name_train,
+        args.ann_file_val,
+        args.image_dir_val,
+        args.name_val,
     )
     use_custom_datasets(cfg, train, val, check=check)
     if uses_shapes(cfg):
@@ -89,7 +111,9 @@ def setup_config(args: argparse.Namespace, world_size: int) -> CfgNode:
     if not args.eval_only:
         check_datasets_exist(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
     check_datasets_exist(cfg.DATASETS.TEST, "DATASETS.TEST")
-    names: List[str] = ([] if args.eval_only else list(cfg.DATASETS.TRAIN)) + list(cfg.DATASETS.TEST)
+    names: List[str] = ([] if args.eval_only else list(cfg.DATASETS.TRAIN)) + list(
+        cfg.DATASETS.TEST
+    )
     resolve_num_classes(cfg, names, explicit=num_classes_set_explicitly(cfg, args.opts))
     size_source = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN
     apply_sizes_from_data(cfg, size_source, args.opts)
@@ -164,7 +188,9 @@ def train(cfg: CfgNode, args: argparse.Namespace) -> Dict[str, object]:
     if comm.is_main_process() and not resuming:
         archived = archive_previous_metrics(cfg.OUTPUT_DIR)
         if archived is not None:
-            logger.info(f"New run in {cfg.OUTPUT_DIR}: the previous run's metrics.json is now {archived.name}")
+            logger.info(
+                f"New run in {cfg.OUTPUT_DIR}: the previous run's metrics.json is now {archived.name}"
+            )
     trainer = FCOSTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     tta_results: Dict[str, object] = {}
@@ -194,14 +220,21 @@ def main(cfg: CfgNode, args: argparse.Namespace) -> None:
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, check the config and data, then launch; returns the exit status (see above)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S"
+    )
     world_size = args.num_gpus * args.num_machines
 
     def setup_and_launch() -> int:
         cfg = setup_config(args, world_size)
         launch(
-            main, args.num_gpus, args.num_machines, args.machine_rank, args.dist_url,
-            args=(cfg, args), device=cfg.MODEL.DEVICE,
+            main,
+            args.num_gpus,
+            args.num_machines,
+            args.machine_rank,
+            args.dist_url,
+            args=(cfg, args),
+            device=cfg.MODEL.DEVICE,
         )
         return 0
 

@@ -8,6 +8,7 @@ warm-up call with a single box). The assigner is the default config's (center sa
 once with its bounded chunks and once "unchunked" (every GT box in one chunk, the dense points x GT
 memory of the reference implementation) for comparison.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,7 +58,9 @@ def measure_case(num_boxes: int, mode: str, repeats: int) -> Dict:
         center_sampling_radius=fc.CENTER_SAMPLING_RADIUS,
         chunk_elements=chunk,
     )
-    points = grid_points(level_sizes(FULL_SIZE, fc.FPN_STRIDES), fc.FPN_STRIDES, fc.GRID_OFFSET, torch.device("cpu"))
+    points = grid_points(
+        level_sizes(FULL_SIZE, fc.FPN_STRIDES), fc.FPN_STRIDES, fc.GRID_OFFSET, torch.device("cpu")
+    )
     instances = [random_instances(FULL_SIZE, num_boxes, seed=num_boxes)]
     assigner(points, [random_instances(FULL_SIZE, 1, seed=1)])
     before = peak_rss_mib()
@@ -80,19 +83,36 @@ def measure_case(num_boxes: int, mode: str, repeats: int) -> Dict:
 
 def run_in_subprocess(num_boxes: int, mode: str, repeats: int, threads: int) -> Dict:
     command = [
-        sys.executable, "-m", "bench.assign", "--case", str(num_boxes), "--mode", mode,
-        "--repeats", str(repeats), "--threads", str(threads),
+        sys.executable,
+        "-m",
+        "bench.assign",
+        "--case",
+        str(num_boxes),
+        "--mode",
+        mode,
+        "--repeats",
+        str(repeats),
+        "--threads",
+        str(threads),
     ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"bench.assign case {num_boxes} boxes ({mode}) failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"bench.assign case {num_boxes} boxes ({mode}) failed:\n{done.stderr[-2000:]}"
+        )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.assign", description=__doc__.splitlines()[0])
-    parser.add_argument("--counts", type=lambda t: [int(v) for v in t.split(",")], default=list(DEFAULT_COUNTS))
-    parser.add_argument("--modes", type=lambda t: t.split(","), default=list(MODES), help="chunked,unchunked")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.assign", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--counts", type=lambda t: [int(v) for v in t.split(",")], default=list(DEFAULT_COUNTS)
+    )
+    parser.add_argument(
+        "--modes", type=lambda t: t.split(","), default=list(MODES), help="chunked,unchunked"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--json", type=Path, help="also write the result here")
@@ -106,7 +126,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     unknown = [m for m in args.modes if m not in MODES]
     if unknown:
         parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
-    cases = [run_in_subprocess(n, mode, args.repeats, args.threads) for mode in args.modes for n in args.counts]
+    cases = [
+        run_in_subprocess(n, mode, args.repeats, args.threads)
+        for mode in args.modes
+        for n in args.counts
+    ]
     for case in cases:
         print(
             f"{case['mode']:9s} {case['boxes']:5d} boxes: {case['seconds']['median'] * 1000:8.1f} ms "
@@ -114,7 +138,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             f"{case['foreground']} foreground points"
         )
     result = {
-        "benchmark": "assign", "image_size": list(FULL_SIZE), "cases": cases, "machine": machine_info(args.threads)
+        "benchmark": "assign",
+        "image_size": list(FULL_SIZE),
+        "cases": cases,
+        "machine": machine_info(args.threads),
     }
     if args.json:
         write_json(args.json, result)

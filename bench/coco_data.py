@@ -7,6 +7,7 @@ shape, seeded, at any scale: COCO val2017 has 5,000 images, 36,781 boxes over 80
 (41 % small, 34 % medium, 24 % large, about 1 % crowd, 48 images without objects), and detectors
 report 100 detections per image.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,11 +88,16 @@ def generate(case: SyntheticCase) -> Tuple[Dict, List[Dict]]:
         gt_cats = rng.integers(1, case.num_categories + 1, size=count)
         crowd = rng.random(count) < case.crowd_fraction
         for box, cat, is_crowd in zip(gt, gt_cats, crowd):
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": int(cat),
-                "bbox": [float(v) for v in box], "area": float(box[2] * box[3]),
-                "iscrowd": int(is_crowd),
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(cat),
+                    "bbox": [float(v) for v in box],
+                    "area": float(box[2] * box[3]),
+                    "iscrowd": int(is_crowd),
+                }
+            )
         found = rng.random(count) < 0.85
         twice = found & (rng.random(count) < 0.15)
         hit_source = np.concatenate([gt[found], gt[twice]])
@@ -107,9 +113,13 @@ def generate(case: SyntheticCase) -> Tuple[Dict, List[Dict]]:
         cats = np.concatenate([hit_cats[: len(hits)], miss_cats])
         scores = np.concatenate([hit_scores, rng.beta(1.5, 4, size=misses)])
         for box, cat, score in zip(boxes, cats, scores):
-            detections.append({
-                "image_id": image_id, "category_id": int(cat), "bbox": [float(v) for v in box],
-                "score": float(score),
-            })
+            detections.append(
+                {
+                    "image_id": image_id,
+                    "category_id": int(cat),
+                    "bbox": [float(v) for v in box],
+                    "score": float(score),
+                }
+            )
     categories = [{"id": c, "name": f"class_{c}"} for c in range(1, case.num_categories + 1)]
     return {"images": images, "annotations": annotations, "categories": categories}, detections

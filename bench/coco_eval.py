@@ -10,6 +10,7 @@ Timed is what ``COCOEvaluator`` runs once the results are loaded: ``COCOeval(gt,
 alternate (A B A B ...); the 12 summary numbers of every run must be identical between the two, or
 the benchmark fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,7 +84,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (default 3)")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch threads, for bench.run_all's command line (neither evaluator uses torch)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -124,8 +127,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "speedup_wall_median": wall["pycocotools"]["median"] / wall["faster_coco_eval"]["median"],
         "stats": reference,
     }
-    print("| COCO box evaluation | pycocotools s, median (min–max) | faster-coco-eval s "
-          "| speed-up |")
+    print(
+        "| COCO box evaluation | pycocotools s, median (min–max) | faster-coco-eval s "
+        "| speed-up |"
+    )
     print("|---|---|---|---|")
     print(markdown_row(result))
     print(f"AP {100 * reference[0]:.2f}; the same 12 summary numbers in all {args.repeats} runs")

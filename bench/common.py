@@ -10,6 +10,7 @@ inference benchmark equalises explicitly (see ``bench/inference.py``).
 the peer stays in fp32, the comparison a user choosing between the two makes; ``--device cuda`` runs
 both on the GPU, with ``torch.cuda.synchronize()`` closing every timed call.
 """
+
 from __future__ import annotations
 
 import json
@@ -85,7 +86,9 @@ def random_image(height: int, width: int, seed: int) -> torch.Tensor:
     return torch.rand(3, height, width, generator=torch.Generator().manual_seed(seed)) * 255
 
 
-def random_instances(image_size: Tuple[int, int], num_boxes: int, seed: int, num_classes: int = 80) -> Instances:
+def random_instances(
+    image_size: Tuple[int, int], num_boxes: int, seed: int, num_classes: int = 80
+) -> Instances:
     """GT boxes with uniform centres and log-uniform sides (8 px to half the short image side)."""
     generator = torch.Generator().manual_seed(seed)
     height, width = image_size
@@ -166,10 +169,14 @@ def _windows_peak_working_set() -> int:
         _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD)] + [
             (name, ctypes.c_size_t)
             for name in (
-                "PeakWorkingSetSize", "WorkingSetSize",
-                "QuotaPeakPagedPoolUsage", "QuotaPagedPoolUsage",
-                "QuotaPeakNonPagedPoolUsage", "QuotaNonPagedPoolUsage",
-                "PagefileUsage", "PeakPagefileUsage",
+                "PeakWorkingSetSize",
+                "WorkingSetSize",
+                "QuotaPeakPagedPoolUsage",
+                "QuotaPagedPoolUsage",
+                "QuotaPeakNonPagedPoolUsage",
+                "QuotaNonPagedPoolUsage",
+                "PagefileUsage",
+                "PeakPagefileUsage",
             )
         ]
 
@@ -197,7 +204,11 @@ def machine_info(threads: int, device: str = "cpu") -> Dict[str, Any]:
         names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         cpu = names[0] if names else cpu
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
     ).stdout.strip()
     return {
         "cpu": cpu,

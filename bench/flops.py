@@ -10,6 +10,7 @@ inference time of each model (full ``model(inputs)`` under ``inference_mode``, t
 interleaved). Times are CPU time of this process, which on a shared host leaves out the time other jobs
 held the core.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,7 +58,9 @@ def dense_gmacs(model: nn.Module, images: Tensor) -> float:
 def matmul_peak_gflops(repeats: int) -> float:
     """Best float32 GFLOP/s of a square matmul (2 n^3 flops), a practical ceiling for convolutions."""
     a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
-    seconds = interleaved_times({"matmul": lambda: a @ b}, warmup=1, repeats=repeats)["matmul"]["cpu"]
+    seconds = interleaved_times({"matmul": lambda: a @ b}, warmup=1, repeats=repeats)["matmul"][
+        "cpu"
+    ]
     return 2 * MATMUL_SIZE**3 / min(seconds) / 1e9
 
 
@@ -67,7 +70,12 @@ def run(threads: int, repeats: int) -> Dict:
     inputs = [{"image": random_image(height, width, seed=0), "height": height, "width": width}]
     peak = matmul_peak_gflops(repeats=10)
     models = {"ours": build_ours().eval(), "peer": build_peer().eval()}
-    result: Dict = {"benchmark": "flops", "size": list(FULL_SIZE), "matmul_peak_gflops": peak, "models": {}}
+    result: Dict = {
+        "benchmark": "flops",
+        "size": list(FULL_SIZE),
+        "matmul_peak_gflops": peak,
+        "models": {},
+    }
     runs = {name: inference_call(model, inputs) for name, model in models.items()}
     times = interleaved_times(runs, warmup=1, repeats=repeats)
     for name, model in models.items():
@@ -85,9 +93,13 @@ def run(threads: int, repeats: int) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.flops", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.flops", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed inferences per model (best is used)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed inferences per model (best is used)"
+    )
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     result = run(args.threads, args.repeats)

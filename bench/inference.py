@@ -12,6 +12,7 @@ fraction of (point, class) pairs passes *that model's own* test threshold: ours 
 fraction, 1% (about 18,000 candidates over the five levels), makes the top-1000 cut bite on the large
 levels for both, as a trained model does on a busy image.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,23 +89,37 @@ def ours_passes(score_thresh: float) -> Callable[[Tensor, Tensor], Tensor]:
 
 
 def peer_passes(score_thresh: float) -> Callable[[Tensor, Tensor], Tensor]:
-    return lambda logits, centerness: torch.sqrt(logits.sigmoid() * centerness.sigmoid()) > score_thresh
+    return (
+        lambda logits, centerness: torch.sqrt(logits.sigmoid() * centerness.sigmoid())
+        > score_thresh
+    )
 
 
 def run(
-    threads: int, size: Tuple[int, int], warmup: int, repeats: int, fraction: float,
-    device: str = "cpu", precision: str = "fp32",
+    threads: int,
+    size: Tuple[int, int],
+    warmup: int,
+    repeats: int,
+    fraction: float,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> Dict:
     set_threads(threads)
     height, width = size
-    inputs: Inputs = [{"image": random_image(height, width, seed=0), "height": height, "width": width}]
+    inputs: Inputs = [
+        {"image": random_image(height, width, seed=0), "height": height, "width": width}
+    ]
     models = {
         "ours": build_ours(device=device, precision=precision).eval(),
         "peer": build_peer(device=device).eval(),
     }
     biases = {
-        "ours": calibrate_class_bias(models["ours"], inputs, ours_passes(models["ours"].score_thresh_test), fraction),
-        "peer": calibrate_class_bias(models["peer"], inputs, peer_passes(models["peer"].test_score_thresh), fraction),
+        "ours": calibrate_class_bias(
+            models["ours"], inputs, ours_passes(models["ours"].score_thresh_test), fraction
+        ),
+        "peer": calibrate_class_bias(
+            models["peer"], inputs, peer_passes(models["peer"].test_score_thresh), fraction
+        ),
     }
     detections = {}
     for name, model in models.items():
@@ -127,7 +142,9 @@ def run(
         "machine": machine_info(threads, device),
     }
     for clock in ("wall", "cpu"):
-        result[f"ratio_{clock}_median"] = result[clock]["ours"]["median"] / result[clock]["peer"]["median"]
+        result[f"ratio_{clock}_median"] = (
+            result[clock]["ours"]["median"] / result[clock]["peer"]["median"]
+        )
     return result
 
 
@@ -140,19 +157,36 @@ def parse_size(text: str) -> Tuple[int, int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.inference", description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for both models (default 1)")
-    parser.add_argument("--size", type=parse_size, default=FULL_SIZE, help="HEIGHTxWIDTH (default 800x1333)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.inference", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads for both models (default 1)"
+    )
+    parser.add_argument(
+        "--size", type=parse_size, default=FULL_SIZE, help="HEIGHTxWIDTH (default 800x1333)"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--candidate-fraction", type=float, default=0.01)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    parser.add_argument("--precision", choices=BENCH_PRECISIONS, default="fp32",
-                        help="ours under TEST.AMP in this dtype; the peer runs fp32 (default fp32)")
+    parser.add_argument(
+        "--precision",
+        choices=BENCH_PRECISIONS,
+        default="fp32",
+        help="ours under TEST.AMP in this dtype; the peer runs fp32 (default fp32)",
+    )
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
-    result = run(args.threads, args.size, args.warmup, args.repeats, args.candidate_fraction,
-                 args.device, args.precision)
+    result = run(
+        args.threads,
+        args.size,
+        args.warmup,
+        args.repeats,
+        args.candidate_fraction,
+        args.device,
+        args.precision,
+    )
     for clock in ("wall", "cpu"):
         stats = result[clock]
         print(

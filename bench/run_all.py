@@ -9,6 +9,7 @@ bf16 on a GPU) against the fp32 peer; with a trained embedded model (``scripts/r
 its val AP in fp32 and bf16 is compared too (``bench.amp_ap``). ``--device cuda`` runs everything
 that has a model on the GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,9 @@ MIXED_PRECISIONS = {"cpu": ("bfloat16",), "cuda": ("float16", "bfloat16")}
 def bench_args(name: str, quick: bool) -> List[str]:
     """Per-benchmark repetitions: enough for a stable median on a shared host, or a smoke run."""
     if name == "inference":
-        return ["--warmup", "1", "--repeats", "3"] if quick else ["--warmup", "2", "--repeats", "10"]
+        return (
+            ["--warmup", "1", "--repeats", "3"] if quick else ["--warmup", "2", "--repeats", "10"]
+        )
     if name == "train_step":
         return ["--sizes", "512x853", "--repeats", "2"] if quick else ["--repeats", "5"]
     if name == "assign":
@@ -47,7 +50,15 @@ def run_benchmark(
     name: str, threads: int, quick: bool, out_dir: Path, extra: Sequence[str] = (), tag: str = ""
 ) -> Dict:
     path = out_dir / f"{name}-{threads}{tag}.json"
-    command = [sys.executable, "-m", f"bench.{name}", "--threads", str(threads), "--json", str(path)]
+    command = [
+        sys.executable,
+        "-m",
+        f"bench.{name}",
+        "--threads",
+        str(threads),
+        "--json",
+        str(path),
+    ]
     command += extra
     print(f"==> {' '.join(command[1:] + bench_args(name, quick))}", flush=True)
     done = subprocess.run(command + bench_args(name, quick), cwd=REPO, check=False)
@@ -108,7 +119,9 @@ def assign_table(result: Dict) -> List[str]:
     for boxes in sorted(chunked):
         case, dense = chunked[boxes], unchunked.get(boxes)
         dense_cells = (
-            f"{dense['seconds']['median'] * 1000:.0f} | {dense['peak_mib']:.0f}" if dense else "– | –"
+            f"{dense['seconds']['median'] * 1000:.0f} | {dense['peak_mib']:.0f}"
+            if dense
+            else "– | –"
         )
         lines.append(
             f"| {boxes} | {case['foreground']} | {case['seconds']['median'] * 1000:.1f} "
@@ -153,8 +166,10 @@ def coco_eval_table(result: Dict) -> List[str]:
 
 def amp_ap_lines(result: Optional[Dict]) -> List[str]:
     if result is None:
-        return ["Not run: no trained embedded model (`bash scripts/run_embedded.sh` writes "
-                "`output/fcos_shapes/model_final.pth`)."]
+        return [
+            "Not run: no trained embedded model (`bash scripts/run_embedded.sh` writes "
+            "`output/fcos_shapes/model_final.pth`)."
+        ]
     lines = ["| evaluation | AP | AP50 | AP75 | seconds |", "|---|---|---|---|---|"]
     for name, run in result["runs"].items():
         box = run["bbox"]
@@ -174,12 +189,18 @@ def report(
     device: str = "cpu",
 ) -> str:
     machine = machine_info(threads, device)
-    load = f"{load_before:.2f} → {machine['load_average_1min']:.2f}" if load_before is not None else "n/a"
+    load = (
+        f"{load_before:.2f} → {machine['load_average_1min']:.2f}"
+        if load_before is not None
+        else "n/a"
+    )
     inference = results["inference"]
     runs = inference[0]["wall"]["ours"]["runs"]
     train_runs = results["train_step"][0]["sizes"][0]["wall"]["ours"]["runs"]
     gpu = f", GPU {machine['gpu']}" if machine["gpu"] else ""
-    other_threads = [r["machine"]["torch_threads"] for r in inference if r["machine"]["torch_threads"] != threads]
+    other_threads = [
+        r["machine"]["torch_threads"] for r in inference if r["machine"]["torch_threads"] != threads
+    ]
     also = f" (inference also with {', '.join(map(str, other_threads))})" if other_threads else ""
     lines = [
         "# Benchmark results",
@@ -237,9 +258,15 @@ def report(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for every benchmark (default 1)")
-    parser.add_argument("--quick", action="store_true", help="few repetitions, small training size only")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run_all", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads for every benchmark (default 1)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="few repetitions, small training size only"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "RESULTS.md")
     args = parser.parse_args(argv)
@@ -250,19 +277,31 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     with tempfile.TemporaryDirectory(prefix="fcos-bench-") as tmp:
         results: Dict = {
             "inference": [
-                run_benchmark("inference", n, args.quick, Path(tmp), [*device, "--precision", p],
-                              f"-{p}")
+                run_benchmark(
+                    "inference", n, args.quick, Path(tmp), [*device, "--precision", p], f"-{p}"
+                )
                 for p in precisions
                 for n in inference_threads
             ],
             "train_step": [
-                run_benchmark("train_step", args.threads, args.quick, Path(tmp),
-                              [*device, "--precision", p], f"-{p}")
+                run_benchmark(
+                    "train_step",
+                    args.threads,
+                    args.quick,
+                    Path(tmp),
+                    [*device, "--precision", p],
+                    f"-{p}",
+                )
                 for p in precisions
             ],
         }
-        results.update({name: run_benchmark(name, args.threads, args.quick, Path(tmp))
-                        for name in OTHER_BENCHMARKS if name != "train_step"})
+        results.update(
+            {
+                name: run_benchmark(name, args.threads, args.quick, Path(tmp))
+                for name in OTHER_BENCHMARKS
+                if name != "train_step"
+            }
+        )
         if DEFAULT_WEIGHTS.is_file():
             mixed = ["--precision", precisions[-1]]
             results["amp_ap"] = run_benchmark(

@@ -9,6 +9,7 @@ synthetic images with the same random GT boxes. The learning rate is tiny so tha
 them the work per step, stay the same across the timed steps. With ``--precision`` ours steps as the
 project's AMP trainer does (autocast, fp32 losses, GradScaler for float16); the peer stays in fp32.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,23 +93,35 @@ def run_size(
         "cpu": {name: summarize(t["cpu"]) for name, t in times.items()},
     }
     for clock in ("wall", "cpu"):
-        result[f"ratio_{clock}_median"] = result[clock]["ours"]["median"] / result[clock]["peer"]["median"]
+        result[f"ratio_{clock}_median"] = (
+            result[clock]["ours"]["median"] / result[clock]["peer"]["median"]
+        )
     return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for both models (default 1)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.train_step", description=__doc__.splitlines()[0]
+    )
     parser.add_argument(
-        "--sizes", type=lambda text: [parse_size(s) for s in text.split(",")], default=[FULL_SIZE, SMALL_SIZE],
+        "--threads", type=int, default=1, help="torch threads for both models (default 1)"
+    )
+    parser.add_argument(
+        "--sizes",
+        type=lambda text: [parse_size(s) for s in text.split(",")],
+        default=[FULL_SIZE, SMALL_SIZE],
         help="comma-separated HEIGHTxWIDTH list (default 800x1333,512x853)",
     )
     parser.add_argument("--boxes", type=int, default=20, help="GT boxes per image (default 20)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    parser.add_argument("--precision", choices=BENCH_PRECISIONS, default="fp32",
-                        help="ours in SOLVER.AMP's dtype; the peer runs fp32 (default fp32)")
+    parser.add_argument(
+        "--precision",
+        choices=BENCH_PRECISIONS,
+        default="fp32",
+        help="ours in SOLVER.AMP's dtype; the peer runs fp32 (default fp32)",
+    )
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -117,8 +130,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         "precision": args.precision,
         "batch_size": BATCH_SIZE,
         "boxes_per_image": args.boxes,
-        "sizes": [run_size(size, args.boxes, args.warmup, args.repeats, args.device, args.precision)
-                  for size in args.sizes],
+        "sizes": [
+            run_size(size, args.boxes, args.warmup, args.repeats, args.device, args.precision)
+            for size in args.sizes
+        ],
         "machine": machine_info(args.threads, args.device),
     }
     for entry in result["sizes"]:

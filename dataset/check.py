@@ -35,17 +35,28 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit status 1 when it has errors, 0 otherwise (warnings allowed).",
     )
     parser.add_argument("--ann_file", required=True, help="COCO annotation JSON")
-    parser.add_argument("--image_dir", required=True, help="folder the images' file_name entries are relative to")
-    parser.add_argument("--full", action="store_true",
-                        help="decode every image completely (slow; also finds truncated files) instead of "
-                        "reading only the headers")
-    parser.add_argument("--config-file", default=DEFAULT_CONFIG,
-                        help="config whose FCOS levels (MODEL.FCOS.FPN_STRIDES) the size "
-                        "suggestion is for (default: %(default)s)")
-    parser.add_argument("--strict", action="store_true",
-                        help="boxes with no area inside their image are errors (as with "
-                        "DATASETS.STRICT_BOXES True in training) instead of one warning (training "
-                        "drops them)")
+    parser.add_argument(
+        "--image_dir", required=True, help="folder the images' file_name entries are relative to"
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="decode every image completely (slow; also finds truncated files) instead of "
+        "reading only the headers",
+    )
+    parser.add_argument(
+        "--config-file",
+        default=DEFAULT_CONFIG,
+        help="config whose FCOS levels (MODEL.FCOS.FPN_STRIDES) the size "
+        "suggestion is for (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="boxes with no area inside their image are errors (as with "
+        "DATASETS.STRICT_BOXES True in training) instead of one warning (training "
+        "drops them)",
+    )
     return parser
 
 
@@ -60,8 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         merge_config(cfg, args.config_file, [])
         strides = list(cfg.MODEL.FCOS.FPN_STRIDES)
         read_images = True if args.full else "header"
-        report = check_coco_dataset(args.ann_file, args.image_dir, read_images, args.strict,
-                                    strides=strides)
+        report = check_coco_dataset(
+            args.ann_file, args.image_dir, read_images, args.strict, strides=strides
+        )
         if not report.readable:
             raise DatasetError(report.errors[0])
         print(report.format())

@@ -11,6 +11,7 @@ line and exit status 2 (``fcos.engine.cli``). detectron2's demo conventions othe
 ``--confidence-threshold``, ``--video-input``, ``--webcam``, ``--opts KEY VALUE ...`` (e.g.
 ``MODEL.DEVICE cpu``, ``TEST.AUG.ENABLED True`` for test-time augmentation).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,13 +31,12 @@ from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.data.detection_utils import convert_image_to_rgb, read_image
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.structures import Instances
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.video_visualizer import VideoVisualizer
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
-
-from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from predictor import FCOSPredictor
 
 from fcos.engine.cli import run
@@ -54,23 +54,43 @@ READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 def get_parser() -> argparse.ArgumentParser:
     """detectron2's demo flags, plus ``--json`` and ``--ann_file``."""
-    parser = argparse.ArgumentParser(description="FCOS demo: draw detections on images, a video or a webcam")
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="model config (e.g. OUTPUT_DIR/config.yaml)")
+    parser = argparse.ArgumentParser(
+        description="FCOS demo: draw detections on images, a video or a webcam"
+    )
+    parser.add_argument(
+        "--config-file",
+        required=True,
+        metavar="FILE",
+        help="model config (e.g. OUTPUT_DIR/config.yaml)",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", nargs="+", help="image files, folders or quoted glob patterns ('dir/*.jpg')")
+    source.add_argument(
+        "--input", nargs="+", help="image files, folders or quoted glob patterns ('dir/*.jpg')"
+    )
     source.add_argument("--video-input", help="a video file")
-    source.add_argument("--webcam", action="store_true", help="the first webcam (needs an OpenCV build with GUI)")
+    source.add_argument(
+        "--webcam", action="store_true", help="the first webcam (needs an OpenCV build with GUI)"
+    )
     parser.add_argument(
         "--output",
         help="folder for the drawn images (created), or a file name when --input is one image; "
         "the output video file for --video-input (.mp4, .avi or .mkv)",
     )
-    parser.add_argument("--json", metavar="FILE", help="also write the detections as a COCO results JSON")
-    parser.add_argument("--ann_file", metavar="FILE", help="COCO JSON of the training data: class names and ids")
     parser.add_argument(
-        "--confidence-threshold", type=float, default=0.3, help="minimum score drawn and written (default %(default)s)"
+        "--json", metavar="FILE", help="also write the detections as a COCO results JSON"
     )
-    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    parser.add_argument(
+        "--ann_file", metavar="FILE", help="COCO JSON of the training data: class names and ids"
+    )
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        default=0.3,
+        help="minimum score drawn and written (default %(default)s)",
+    )
+    parser.add_argument(
+        "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ..."
+    )
     return parser
 
 
@@ -93,7 +113,9 @@ def expand_inputs(specs: Sequence[str]) -> InputList:
     for spec in specs:
         if os.path.isdir(spec):
             found = sorted(
-                os.path.join(spec, name) for name in os.listdir(spec) if name.lower().endswith(IMAGE_SUFFIXES)
+                os.path.join(spec, name)
+                for name in os.listdir(spec)
+                if name.lower().endswith(IMAGE_SUFFIXES)
             )
         elif os.path.isfile(spec):
             found = [spec]
@@ -117,7 +139,9 @@ def output_paths(files: Sequence[str], output: Optional[str]) -> Dict[str, str]:
         return {}
     if output.lower().endswith(IMAGE_SUFFIXES) and not os.path.isdir(output):
         if len(files) != 1:
-            raise SetupError(f"--output {output} is a file name, but there are {len(files)} input images; give a folder")
+            raise SetupError(
+                f"--output {output} is a file name, but there are {len(files)} input images; give a folder"
+            )
         return {files[0]: output}
     paths: Dict[str, str] = {}
     used = set()
@@ -140,7 +164,9 @@ class CocoIds:
     image_ids: Dict[str, int]
 
     @classmethod
-    def from_sources(cls, num_classes: int, ann_file: Optional[str], dataset: Optional[str]) -> "CocoIds":
+    def from_sources(
+        cls, num_classes: int, ann_file: Optional[str], dataset: Optional[str]
+    ) -> "CocoIds":
         """From ``--ann_file`` when given (so the JSON can be scored against it), else the dataset's
         metadata, else category id = class + 1 and no known image ids."""
         if ann_file:
@@ -148,11 +174,20 @@ class CocoIds:
                 with open(ann_file, encoding="utf-8") as f:
                     data = json.load(f)
                 category_ids = sorted(int(c["id"]) for c in data["categories"])
-                image_ids = {os.path.basename(str(im["file_name"])): int(im["id"]) for im in data.get("images", [])}
+                image_ids = {
+                    os.path.basename(str(im["file_name"])): int(im["id"])
+                    for im in data.get("images", [])
+                }
             except (OSError, ValueError, KeyError, TypeError) as err:
-                raise SetupError(f"{ann_file}: cannot read COCO 'categories'/'images' ids ({err})") from err
+                raise SetupError(
+                    f"{ann_file}: cannot read COCO 'categories'/'images' ids ({err})"
+                ) from err
             return cls(category_ids, image_ids)
-        mapping = MetadataCatalog.get(dataset).get("thing_dataset_id_to_contiguous_id") if dataset else None
+        mapping = (
+            MetadataCatalog.get(dataset).get("thing_dataset_id_to_contiguous_id")
+            if dataset
+            else None
+        )
         if mapping:
             inverse = {contiguous: dataset_id for dataset_id, contiguous in mapping.items()}
             return cls([inverse[i] for i in range(num_classes)], {})
@@ -193,7 +228,9 @@ class Demo:
         self.input_format = cfg.INPUT.FORMAT
         if names is None:
             names = [f"class {i}" for i in range(cfg.MODEL.FCOS.NUM_CLASSES)]
-            logger.warning("no class names known for this config: labels are 'class N' (give --ann_file)")
+            logger.warning(
+                "no class names known for this config: labels are 'class N' (give --ann_file)"
+            )
         self.metadata = Metadata(name="fcos_demo", thing_classes=names)
 
     def detect(self, image: np.ndarray) -> Instances:
@@ -212,8 +249,13 @@ class Demo:
         return frame_bgr[:, :, ::-1] if self.input_format == "RGB" else frame_bgr
 
 
-def run_images(demo: Demo, inputs: InputList, destinations: Dict[str, str], ids: CocoIds,
-               json_file: Optional[str]) -> int:
+def run_images(
+    demo: Demo,
+    inputs: InputList,
+    destinations: Dict[str, str],
+    ids: CocoIds,
+    json_file: Optional[str],
+) -> int:
     """Process every input image; returns the number of inputs that failed (missing or unreadable)."""
     for spec in inputs.missing:
         logger.error(f"input not found: {spec}")
@@ -239,7 +281,9 @@ def run_images(demo: Demo, inputs: InputList, destinations: Dict[str, str], ids:
         write_json_atomic(json_file, records)
         logger.info(f"wrote {len(records)} detections to {json_file}")
     if failed:
-        logger.error(f"{len(failed)} of {len(inputs.files) + len(inputs.missing)} inputs failed: {', '.join(failed)}")
+        logger.error(
+            f"{len(failed)} of {len(inputs.files) + len(inputs.missing)} inputs failed: {', '.join(failed)}"
+        )
     return len(failed)
 
 
@@ -252,7 +296,9 @@ def _frames(capture: cv2.VideoCapture) -> Iterator[np.ndarray]:
         yield frame
 
 
-def _draw_frame(demo: Demo, visualizer: VideoVisualizer, frame_bgr: np.ndarray) -> Tuple[np.ndarray, int]:
+def _draw_frame(
+    demo: Demo, visualizer: VideoVisualizer, frame_bgr: np.ndarray
+) -> Tuple[np.ndarray, int]:
     """(the BGR frame with detections drawn, the number of detections)."""
     instances = demo.detect(demo.frames_to_model_format(frame_bgr))
     drawn = visualizer.draw_instance_predictions(frame_bgr[:, :, ::-1], instances).get_image()
@@ -265,7 +311,9 @@ def run_video(demo: Demo, args: argparse.Namespace) -> int:
     if not capture.isOpened():
         logger.error(f"cannot read video {args.video_input}")
         return 1
-    width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(
+        capture.get(cv2.CAP_PROP_FRAME_HEIGHT)
+    )
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
     suffix = os.path.splitext(args.output)[1].lower()
@@ -274,14 +322,18 @@ def run_video(demo: Demo, args: argparse.Namespace) -> int:
 
     def write(tmp: str) -> None:
         nonlocal frames
-        writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*VIDEO_CODECS[suffix]), fps, (width, height))
+        writer = cv2.VideoWriter(
+            tmp, cv2.VideoWriter_fourcc(*VIDEO_CODECS[suffix]), fps, (width, height)
+        )
         if not writer.isOpened():
             raise OSError(f"cannot write video {args.output} with codec {VIDEO_CODECS[suffix]}")
         try:
             for frame in tqdm.tqdm(_frames(capture), total=total, desc="frames", disable=None):
                 start = time.perf_counter()
                 drawn, count = _draw_frame(demo, visualizer, frame)
-                logger.debug(f"frame {frames}: {count} detections in {time.perf_counter() - start:.3f} s")
+                logger.debug(
+                    f"frame {frames}: {count} detections in {time.perf_counter() - start:.3f} s"
+                )
                 writer.write(drawn)
                 frames += 1
         finally:
@@ -310,7 +362,9 @@ def run_webcam(demo: Demo) -> int:
             if cv2.waitKey(1) == 27:
                 break
     except cv2.error as err:
-        logger.error(f"cannot show the webcam window ({err.msg.strip()}); this needs opencv-python with GUI support")
+        logger.error(
+            f"cannot show the webcam window ({err.msg.strip()}); this needs opencv-python with GUI support"
+        )
         return 1
     finally:
         capture.release()
@@ -329,7 +383,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.video_input and not args.output:
         parser.error("--video-input needs --output FILE (.mp4, .avi or .mkv)")
     if args.video_input and os.path.splitext(args.output)[1].lower() not in VIDEO_CODECS:
-        parser.error(f"--output {args.output}: the video file name must end in one of {sorted(VIDEO_CODECS)}")
+        parser.error(
+            f"--output {args.output}: the video file name must end in one of {sorted(VIDEO_CODECS)}"
+        )
     return run("demo.py", lambda: _run(args))
 
 

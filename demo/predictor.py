@@ -4,6 +4,7 @@ Like detectron2's ``DefaultPredictor``, but the model comes from ``fcos.engine.d
 build_inference_model`` (complete, shape-checked weights, clear errors), and ``TEST.AUG.ENABLED``
 switches on FCOS test-time augmentation.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict
@@ -41,7 +42,9 @@ class FCOSPredictor:
         (Pillow) path as the loader's, and the model converts to float when it normalises.
         """
         height, width = image.shape[:2]
-        resized = image if self.tta is not None else self.resize.get_transform(image).apply_image(image)
+        resized = (
+            image if self.tta is not None else self.resize.get_transform(image).apply_image(image)
+        )
         tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
         return {"image": tensor, "height": height, "width": width}
 

@@ -1,4 +1,5 @@
 """FCOS as a detectron2 project: importing this package registers the meta-architecture and backbone."""
+
 from .backbone import build_fcos_resnet_fpn_backbone
 from .checkpoint import CheckpointMismatchError, FCOSCheckpointer
 from .config import FCOSConfigError, add_fcos_config, validate_fcos_config

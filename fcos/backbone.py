@@ -5,6 +5,7 @@ gradient, which is what made the seed fail under DistributedDataParallel ("Expec
 reduction in the prior iteration"). Here the top block follows IN_FEATURES, and its input follows
 ``MODEL.FCOS.TOP_BLOCK_IN_FEATURE`` (C5 for the seed/cvpods checkpoints, P5 for official FCOS).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional

@@ -15,6 +15,7 @@ Loading accepts the checkpoint layouts of ``checkpoint_layouts`` (recognised by 
 running pickled code), checks every shape before touching the model, skips a class head of another
 class count with one warning, and logs one table of what was loaded, skipped and missing.
 """
+
 from __future__ import annotations
 
 import os
@@ -92,7 +93,11 @@ def check_weights_file(path: str, hint: str = "") -> None:
 
 def _mismatch_cause(key: str, ckpt_shape: Sequence[int], model_shape: Sequence[int]) -> str:
     """The config switch most likely responsible for a shape mismatch at ``key``."""
-    if key == "backbone.top_block.p6.weight" and len(ckpt_shape) == 4 and ckpt_shape[0] == model_shape[0]:
+    if (
+        key == "backbone.top_block.p6.weight"
+        and len(ckpt_shape) == 4
+        and ckpt_shape[0] == model_shape[0]
+    ):
         ckpt_from_p5 = ckpt_shape[1] == ckpt_shape[0]
         model_from = "P5" if model_shape[1] == model_shape[0] else "res5 (C5)"
         if ckpt_from_p5:
@@ -117,14 +122,20 @@ def _mismatch_cause(key: str, ckpt_shape: Sequence[int], model_shape: Sequence[i
 
 def _root_cause_order(key: str) -> int:
     """Sort mismatches input-side first: a ResNet mismatch explains the FPN and head ones after it."""
-    for rank, prefix in enumerate(("backbone.bottom_up.", "backbone.fpn_", "backbone.top_block.", "head.")):
+    for rank, prefix in enumerate(
+        ("backbone.bottom_up.", "backbone.fpn_", "backbone.top_block.", "head.")
+    ):
         if key.startswith(prefix):
             return rank
     return 4
 
 
 def _is_class_count_change(key: str, ckpt_shape: Sequence[int], model_shape: Sequence[int]) -> bool:
-    return key in CLASS_HEAD_KEYS and ckpt_shape[0] != model_shape[0] and ckpt_shape[1:] == model_shape[1:]
+    return (
+        key in CLASS_HEAD_KEYS
+        and ckpt_shape[0] != model_shape[0]
+        and ckpt_shape[1:] == model_shape[1:]
+    )
 
 
 @dataclass
@@ -161,7 +172,10 @@ def fit_to_model(weights: Mapping[str, Tensor], model_state: Mapping[str, Tensor
             mismatches.append((key, ckpt_shape, model_shape))
     if mismatches:
         mismatches.sort(key=lambda m: _root_cause_order(m[0]))
-        listed = [f"{k}: checkpoint {c} vs model {m}: {_mismatch_cause(k, c, m)}" for k, c, m in mismatches]
+        listed = [
+            f"{k}: checkpoint {c} vs model {m}: {_mismatch_cause(k, c, m)}"
+            for k, c, m in mismatches
+        ]
         more = len(listed) - _MAX_LISTED_MISMATCHES
         raise CheckpointMismatchError(
             f"{len(listed)} tensor(s) do not fit the model built from the config: "
@@ -208,7 +222,12 @@ class LoadReport:
         return not (self.skipped or self.missing or self.unexpected)
 
     def _columns(self) -> Dict[str, List[str]]:
-        return {"loaded": self.loaded, "skipped": list(self.skipped), "missing": self.missing, "unexpected": self.unexpected}
+        return {
+            "loaded": self.loaded,
+            "skipped": list(self.skipped),
+            "missing": self.missing,
+            "unexpected": self.unexpected,
+        }
 
     def _counts(self) -> Dict[str, Dict[str, int]]:
         columns = self._columns()
@@ -238,9 +257,13 @@ class LoadReport:
         for key, reason in self.skipped.items():
             lines.append(f"skipped {key}: {reason}")
         if self.missing:
-            lines.append(f"missing from the checkpoint (left at their initialisation): {self._listing(self.missing, 'missing', counts)}")
+            lines.append(
+                f"missing from the checkpoint (left at their initialisation): {self._listing(self.missing, 'missing', counts)}"
+            )
         if self.unexpected:
-            lines.append(f"in the checkpoint but not in the model (ignored): {self._listing(self.unexpected, 'unexpected', counts)}")
+            lines.append(
+                f"in the checkpoint but not in the model (ignored): {self._listing(self.unexpected, 'unexpected', counts)}"
+            )
         return "\n".join(lines)
 
 
@@ -319,7 +342,9 @@ class FCOSCheckpointer(DetectionCheckpointer):
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         converted = read_checkpoint(
-            filename, allow_unsafe_pickle=self.allow_unsafe_pickle, model_keys=set(self.model.state_dict())
+            filename,
+            allow_unsafe_pickle=self.allow_unsafe_pickle,
+            model_keys=set(self.model.state_dict()),
         )
         self.logger.info(describe(converted, filename))
         return {**converted.extras, "model": converted.state_dict}

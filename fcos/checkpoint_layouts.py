@@ -5,6 +5,7 @@ told apart by the keys, not by the file name, because the seed's cvpods file and
 maskrcnn-benchmark file are both called ``FCOS_imprv_R_50_FPN_1x.pth``. Everything here is a pure
 function of the file's content, shared by ``FCOSCheckpointer`` and the ``tools/convert.py`` CLI.
 """
+
 from __future__ import annotations
 
 import re
@@ -232,7 +233,9 @@ def caffe2_to_detectron2(weights: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor],
     return converted, momenta + dropped
 
 
-def convert_to_detectron2(weights: Dict[str, Tensor], layout: Layout) -> Tuple[Dict[str, Tensor], List[str]]:
+def convert_to_detectron2(
+    weights: Dict[str, Tensor], layout: Layout
+) -> Tuple[Dict[str, Tensor], List[str]]:
     """Detectron2-named state dict of ``weights`` in ``layout``; returns (state dict, dropped keys)."""
     if layout == Layout.DETECTRON2:
         return dict(weights), []
@@ -249,7 +252,8 @@ def read_checkpoint(
     path: str, *, allow_unsafe_pickle: bool = False, model_keys: Collection[str] = ()
 ) -> ConvertedCheckpoint:
     """Load ``path`` safely (``.pkl``: arrays-only unpickler; else ``torch.load(weights_only=True)``),
-    recognise its layout (see ``detect_layout`` for ``model_keys``) and convert it to detectron2 names."""
+    recognise its layout (see ``detect_layout`` for ``model_keys``) and convert it to detectron2 names.
+    """
     loader = load_pickle if path.endswith(".pkl") else load_torch
     weights, extras = _split_container(loader(path, allow_unsafe=allow_unsafe_pickle), path)
     tensors = _strip_module_prefix(_as_tensors(weights, path))
@@ -264,9 +268,13 @@ def read_checkpoint(
 
 def describe(checkpoint: ConvertedCheckpoint, path: Optional[str] = None) -> str:
     """One log line: which layout was recognised and what was converted or dropped."""
-    parts = [f"{path + ': ' if path else ''}{checkpoint.layout.value} layout, {len(checkpoint.state_dict)} tensors"]
+    parts = [
+        f"{path + ': ' if path else ''}{checkpoint.layout.value} layout, {len(checkpoint.state_dict)} tensors"
+    ]
     if checkpoint.layout == Layout.OFFICIAL:
-        parts.append(f"renamed to detectron2 names, FrozenBN running_var reduced by eps={DETECTRON2_BN_EPS:g}")
+        parts.append(
+            f"renamed to detectron2 names, FrozenBN running_var reduced by eps={DETECTRON2_BN_EPS:g}"
+        )
     elif checkpoint.layout != Layout.DETECTRON2:
         parts.append(f"renamed to {BACKBONE_PREFIX}*")
     if checkpoint.dropped:
@@ -274,5 +282,7 @@ def describe(checkpoint: ConvertedCheckpoint, path: Optional[str] = None) -> str
         more = f", ... ({len(shown)} in all)" if len(shown) > 4 else ""
         parts.append(f"dropped unused tensors {', '.join(shown[:4])}{more}")
     if checkpoint.ignored_extras:
-        parts.append(f"ignored non-weight entries {checkpoint.ignored_extras} (another code base's training state)")
+        parts.append(
+            f"ignored non-weight entries {checkpoint.ignored_extras} (another code base's training state)"
+        )
     return "; ".join(parts)

@@ -8,6 +8,7 @@ flavour switches (``TOP_BLOCK_IN_FEATURE``, ``GRID_OFFSET``, ``INFERENCE_TOPK_FI
 ``POSTPROCESS``) are new and default to the seed/cvpods behaviour that its pretrained checkpoint was
 trained with. Every key is described in docs/MODEL.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -103,7 +104,9 @@ def validate_fcos_config(cfg: CN, backbone_shapes: Dict[str, ShapeSpec]) -> None
     fc = cfg.MODEL.FCOS
     in_features: Sequence[str] = fc.IN_FEATURES
     if len(in_features) == 0:
-        raise _fail("IN_FEATURES", "is empty; list the FPN levels to predict on, e.g. [p3, p4, p5, p6, p7]")
+        raise _fail(
+            "IN_FEATURES", "is empty; list the FPN levels to predict on, e.g. [p3, p4, p5, p6, p7]"
+        )
     missing = [f for f in in_features if f not in backbone_shapes]
     if missing:
         raise _fail(
@@ -119,7 +122,10 @@ def validate_fcos_config(cfg: CN, backbone_shapes: Dict[str, ShapeSpec]) -> None
         )
     channels = {backbone_shapes[f].channels for f in in_features}
     if len(channels) != 1:
-        raise _fail("IN_FEATURES", f"levels {list(in_features)} have different channel counts {sorted(channels)}")
+        raise _fail(
+            "IN_FEATURES",
+            f"levels {list(in_features)} have different channel counts {sorted(channels)}",
+        )
     sizes = fc.OBJECT_SIZES_OF_INTEREST
     if len(sizes) != len(in_features):
         raise _fail(
@@ -128,12 +134,17 @@ def validate_fcos_config(cfg: CN, backbone_shapes: Dict[str, ShapeSpec]) -> None
         )
     for i, row in enumerate(sizes):
         if len(row) != 2 or not (row[0] < row[1]):
-            raise _fail("OBJECT_SIZES_OF_INTEREST", f"row {i} = {list(row)} must be [lo, hi] with lo < hi")
+            raise _fail(
+                "OBJECT_SIZES_OF_INTEREST", f"row {i} = {list(row)} must be [lo, hi] with lo < hi"
+            )
     _check_sizes_follow_strides(sizes, strides, in_features)
     if fc.HEAD_NORM not in HEAD_NORMS:
         raise _fail("HEAD_NORM", f"unknown norm {fc.HEAD_NORM!r}; choose one of {list(HEAD_NORMS)}")
     if fc.IOU_LOSS_TYPE not in IOU_LOSS_TYPES:
-        raise _fail("IOU_LOSS_TYPE", f"unknown loss {fc.IOU_LOSS_TYPE!r}; choose one of {list(IOU_LOSS_TYPES)}")
+        raise _fail(
+            "IOU_LOSS_TYPE",
+            f"unknown loss {fc.IOU_LOSS_TYPE!r}; choose one of {list(IOU_LOSS_TYPES)}",
+        )
     if fc.TOP_BLOCK_IN_FEATURE not in TOP_BLOCK_IN_FEATURES:
         raise _fail(
             "TOP_BLOCK_IN_FEATURE",
@@ -157,7 +168,9 @@ def validate_fcos_config(cfg: CN, backbone_shapes: Dict[str, ShapeSpec]) -> None
     if not 0.0 <= fc.GRID_OFFSET < 1.0:
         raise _fail("GRID_OFFSET", f"{fc.GRID_OFFSET} must be a fraction of the stride in [0, 1)")
     if fc.CENTER_SAMPLING_RADIUS < 0:
-        raise _fail("CENTER_SAMPLING_RADIUS", f"{fc.CENTER_SAMPLING_RADIUS} must be >= 0 (0 disables it)")
+        raise _fail(
+            "CENTER_SAMPLING_RADIUS", f"{fc.CENTER_SAMPLING_RADIUS} must be >= 0 (0 disables it)"
+        )
     weights = list(fc.BBOX_REG_WEIGHTS)
     if len(weights) != 4 or any(not math.isfinite(w) or w <= 0 for w in weights):
         raise _fail("BBOX_REG_WEIGHTS", f"{weights} must be four positive numbers")

@@ -15,6 +15,7 @@ conv with the same weights (with a plain sigmoid it would start at half of it). 
 checkpoints are converted by halving the deformable ``weight`` (``fcos.checkpoint_layouts``), which
 gives exactly the official function: W/2 * 2*sigmoid(m) = W * sigmoid(m).
 """
+
 from __future__ import annotations
 
 import math
@@ -62,14 +63,33 @@ class ModulatedDeformConv2d(nn.Module):
         return deform_conv2d(x, offset, self.weight, self.bias, padding=padding, mask=mask)
 
 
-def _onnx_deform_conv(g, input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w,
-                      dil_h, dil_w, n_weight_grps, n_offset_grps, use_mask):
+def _onnx_deform_conv(
+    g,
+    input,
+    weight,
+    offset,
+    mask,
+    bias,
+    stride_h,
+    stride_w,
+    pad_h,
+    pad_w,
+    dil_h,
+    dil_w,
+    n_weight_grps,
+    n_offset_grps,
+    use_mask,
+):
     """``torchvision::deform_conv2d`` as ONNX DeformConv (same offset/mask layout)."""
     inputs = (input, weight, offset, bias, mask) if use_mask else (input, weight, offset, bias)
     return g.op(
-        "DeformConv", *inputs,
-        strides_i=[stride_h, stride_w], pads_i=[pad_h, pad_w, pad_h, pad_w],
-        dilations_i=[dil_h, dil_w], group_i=n_weight_grps, offset_group_i=n_offset_grps,
+        "DeformConv",
+        *inputs,
+        strides_i=[stride_h, stride_w],
+        pads_i=[pad_h, pad_w, pad_h, pad_w],
+        dilations_i=[dil_h, dil_w],
+        group_i=n_weight_grps,
+        offset_group_i=n_offset_grps,
     )
 
 

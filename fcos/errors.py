@@ -5,6 +5,7 @@ computation (NaN/Inf head outputs, before any library assertion trips over them)
 checkpointer (NaN/Inf weights must never overwrite the last good checkpoint); the training loop adds
 the iteration.
 """
+
 from __future__ import annotations
 
 DIVERGENCE_HINT = (

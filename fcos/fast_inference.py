@@ -6,6 +6,7 @@ R-50-FPN at 800x1333. Together with channels-last, detections at that size move 
 0.025 px and 1e-4 in score (worst measured 0.012 px / 5.4e-5;
 ``tests/test_fast_inference_full_size.py``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,9 @@ class FoldedFrozenBNConv2d(Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         norm = self.norm
-        if not isinstance(norm, FrozenBatchNorm2d) or not x.is_contiguous(memory_format=torch.channels_last):
+        if not isinstance(norm, FrozenBatchNorm2d) or not x.is_contiguous(
+            memory_format=torch.channels_last
+        ):
             return super().forward(x)
         scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
         shift = norm.bias - norm.running_mean * scale

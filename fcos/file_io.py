@@ -7,6 +7,7 @@ POSIX and Windows alike), flushes it, gives it the permissions a plain ``open()`
 sees the old file or the new one, never a torn one. A crash before the rename leaves at most a hidden
 temporary file (name starting with ``.``) that nothing loads.
 """
+
 from __future__ import annotations
 
 import json

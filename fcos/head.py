@@ -6,6 +6,7 @@ Module names are part of the checkpoint contract (docs/MODEL.md, "Network"): ``c
 With ``USE_DCN_IN_TOWER`` the last conv of each tower is a ``ModulatedDeformConv2d`` whose
 ``weight``/``bias`` keep the plain conv's keys.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,9 @@ _GET_NORM_NAMES = {"GN": "GN", "BN": "BN", "SyncBN": "naiveSyncBN", "": ""}
 def _norm_layer(norm: str, channels: int) -> nn.Module:
     """GN/BN/SyncBN/none for the towers; "none" is an Identity so the convs keep their indices."""
     if norm not in _GET_NORM_NAMES:
-        raise ValueError(f"MODEL.FCOS.HEAD_NORM: unknown norm {norm!r}; choose one of {list(_GET_NORM_NAMES)}")
+        raise ValueError(
+            f"MODEL.FCOS.HEAD_NORM: unknown norm {norm!r}; choose one of {list(_GET_NORM_NAMES)}"
+        )
     return get_norm(_GET_NORM_NAMES[norm], channels) or nn.Identity()
 
 
@@ -98,7 +101,9 @@ class FCOSHead(nn.Module):
             if isinstance(module, ModulatedDeformConv2d):
                 module.reset_offset()
 
-    def forward(self, features: Sequence[Tensor]) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+    def forward(
+        self, features: Sequence[Tensor]
+    ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
         logits, box_reg, centerness = [], [], []
         for level, feature in enumerate(features):
             cls_feat = self.cls_subnet(feature)

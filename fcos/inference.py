@@ -7,6 +7,7 @@ detectron2's class-aware NMS and keeps the first DETECTIONS_PER_IMAGE; the offic
 the input, removes small boxes, runs maskrcnn-benchmark's class-aware NMS with "+1" pixel areas and
 keeps every detection scoring at least the DETECTIONS_PER_IMAGE-th best.
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple
@@ -212,4 +213,6 @@ def select_detections(
         keep = keep[top_detections_with_ties(scores[keep], max_detections)]
     else:
         keep = batched_nms(boxes, scores, classes, nms_thresh)[:max_detections]
-    return Instances(image_size, pred_boxes=Boxes(boxes[keep]), scores=scores[keep], pred_classes=classes[keep])
+    return Instances(
+        image_size, pred_boxes=Boxes(boxes[keep]), scores=scores[keep], pred_classes=classes[keep]
+    )

@@ -9,6 +9,7 @@ Focal and GIoU come from fvcore; the IoU/linear-IoU variants on (l, t, r, b) dis
 that fvcore does not have. Normalizers may be averaged over processes (NORM_SYNC) so that every
 process divides by the same batch-wide count, which makes N-process training match one process.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Sequence
@@ -52,7 +53,9 @@ def iou_loss(pred: Tensor, target: Tensor, loss_type: str) -> Tensor:
         return -iou.clamp(min=EPS).log()
     if loss_type == "linear_iou":
         return 1.0 - iou
-    raise ValueError(f"MODEL.FCOS.IOU_LOSS_TYPE: unknown loss {loss_type!r}; choose iou, linear_iou or giou")
+    raise ValueError(
+        f"MODEL.FCOS.IOU_LOSS_TYPE: unknown loss {loss_type!r}; choose iou, linear_iou or giou"
+    )
 
 
 def check_finite_predictions(predictions: Dict[str, Tensor]) -> None:
@@ -128,26 +131,34 @@ def fcos_losses(
     pred_logits, pred_deltas, pred_centerness = (
         t.float() for t in (pred_logits, pred_deltas, pred_centerness)
     )
-    check_finite_predictions({
-        "class logits (cls_score)": pred_logits,
-        "box regression (bbox_pred)": pred_deltas,
-        "centerness": pred_centerness,
-    })
+    check_finite_predictions(
+        {
+            "class logits (cls_score)": pred_logits,
+            "box regression (bbox_pred)": pred_deltas,
+            "centerness": pred_centerness,
+        }
+    )
     foreground = gt_classes != num_classes
     num_foreground = _synced_normalizer(foreground.sum().to(torch.float32), norm_sync)
 
     cls_targets = F.one_hot(gt_classes, num_classes + 1)[:, :num_classes].to(pred_logits.dtype)
-    loss_cls = sigmoid_focal_loss_jit(
-        pred_logits, cls_targets, alpha=focal_alpha, gamma=focal_gamma, reduction="sum"
-    ) / num_foreground
+    loss_cls = (
+        sigmoid_focal_loss_jit(
+            pred_logits, cls_targets, alpha=focal_alpha, gamma=focal_gamma, reduction="sum"
+        )
+        / num_foreground
+    )
     pred_fg, gt_fg = pred_deltas[foreground], gt_deltas[foreground]
     box_losses = iou_loss(pred_fg, gt_fg, iou_loss_type)
     if box_quality == "iou":
         weights = pred_fg.new_tensor(box_reg_weights)
         iou_targets = ltrb_iou(pred_fg.detach() / weights, gt_fg / weights)
-        loss_quality = F.binary_cross_entropy_with_logits(
-            pred_centerness[foreground], iou_targets, reduction="sum"
-        ) / num_foreground
+        loss_quality = (
+            F.binary_cross_entropy_with_logits(
+                pred_centerness[foreground], iou_targets, reduction="sum"
+            )
+            / num_foreground
+        )
         loss_box_reg = box_losses.sum() / num_foreground
         return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg, "loss_quality": loss_quality}
     if box_quality != "ctrness":
@@ -158,7 +169,10 @@ def fcos_losses(
     ctr_targets = gt_centerness[foreground]
     ctr_sum = _synced_normalizer(ctr_targets.sum(), norm_sync)
     loss_box_reg = (box_losses * ctr_targets).sum() / ctr_sum
-    loss_centerness = F.binary_cross_entropy_with_logits(
-        pred_centerness[foreground], ctr_targets, reduction="sum"
-    ) / num_foreground
+    loss_centerness = (
+        F.binary_cross_entropy_with_logits(
+            pred_centerness[foreground], ctr_targets, reduction="sum"
+        )
+        / num_foreground
+    )
     return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg, "loss_centerness": loss_centerness}

@@ -10,6 +10,7 @@ docs/MODEL.md, "Fast CPU path").
 Training, other devices and ``FAST_CPU_INFERENCE False`` keep detectron2's NCHW arithmetic exactly.
 Module and parameter names are untouched (checkpoint contract).
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,7 +66,9 @@ class FCOS(DenseDetector):
         box_quality: str = "ctrness",
         test_amp: Tuple[bool, str] = (False, "auto"),
     ) -> None:
-        super().__init__(backbone, head, list(head_in_features), pixel_mean=pixel_mean, pixel_std=pixel_std)
+        super().__init__(
+            backbone, head, list(head_in_features), pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
         self.fast_cpu_inference = fast_cpu_inference
         if fast_cpu_inference:
             fold_frozen_batchnorms(self.backbone)
@@ -174,12 +177,18 @@ class FCOS(DenseDetector):
         images = super().preprocess_image(batched_inputs)
         if self.training or not self.fast_cpu_inference or images.tensor.device.type != "cpu":
             return images
-        return ImageList(images.tensor.contiguous(memory_format=torch.channels_last), images.image_sizes)
+        return ImageList(
+            images.tensor.contiguous(memory_format=torch.channels_last), images.image_sizes
+        )
 
     def _points(self, features: Sequence[Tensor]) -> List[Tensor]:
-        return grid_points([f.shape[-2:] for f in features], self.fpn_strides, self.grid_offset, features[0].device)
+        return grid_points(
+            [f.shape[-2:] for f in features], self.fpn_strides, self.grid_offset, features[0].device
+        )
 
-    def _flat_predictions(self, predictions: Tuple[List[Tensor], List[Tensor], List[Tensor]]) -> List[List[Tensor]]:
+    def _flat_predictions(
+        self, predictions: Tuple[List[Tensor], List[Tensor], List[Tensor]]
+    ) -> List[List[Tensor]]:
         """Per level (N, H*W, K), (N, H*W, 4), (N, H*W, 1): the order targets are built in."""
         return self._transpose_dense_predictions(list(predictions), [self.num_classes, 4, 1])
 
@@ -190,7 +199,9 @@ class FCOS(DenseDetector):
         predictions: Tuple[List[Tensor], List[Tensor], List[Tensor]],
         gt_instances: List[Instances],
     ) -> Dict[str, Tensor]:
-        logits, deltas, centerness = (torch.cat(p, dim=1) for p in self._flat_predictions(predictions))
+        logits, deltas, centerness = (
+            torch.cat(p, dim=1) for p in self._flat_predictions(predictions)
+        )
         targets = self.assigner(self._points(features), gt_instances)
         gt_deltas = targets.deltas * targets.deltas.new_tensor(self.box_reg_weights)
         return fcos_losses(
@@ -253,5 +264,7 @@ class FCOS(DenseDetector):
                 max_detections=self.max_detections_per_image,
                 postprocess=self.postprocess,
             )
-            for candidates, image_size in zip(self.candidates(images, features, predictions), images.image_sizes)
+            for candidates, image_size in zip(
+                self.candidates(images, features, predictions), images.image_sizes
+            )
         ]

@@ -13,6 +13,7 @@ Autocast covers the network (convolutions, matmuls); FCOS computes its losses an
 fp32 from upcast predictions (``fcos.losses``, ``fcos.meta_arch``), so only the network loses
 precision.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,14 +29,19 @@ DTYPES: Dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bf
 # Capability flag -> name, most capable first (torch.cpu.get_capabilities keys).
 _NATIVE_CPU = {
     torch.bfloat16: (
-        ("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"), ("sve_bf16", "SVE-BF16"),
+        ("amx_bf16", "AMX-BF16"),
+        ("avx512_bf16", "AVX512-BF16"),
+        ("sve_bf16", "SVE-BF16"),
         ("bf16", "Arm BF16"),
     ),
     torch.float16: (("amx_fp16", "AMX-FP16"), ("fp16_arith", "Arm FP16")),
 }
 # Older torch without get_capabilities: its private probes (present since torch 2.1).
-_PROBES = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported",
-           "amx_fp16": "_is_amx_fp16_supported"}
+_PROBES = {
+    "amx_bf16": "_is_amx_tile_supported",
+    "avx512_bf16": "_is_avx512_bf16_supported",
+    "amx_fp16": "_is_amx_fp16_supported",
+}
 
 T = TypeVar("T")
 
@@ -102,7 +108,8 @@ def _resolve_cpu(key: str, precision: str, capabilities: Mapping[str, object]) -
         native = native_cpu_support(torch.bfloat16, capabilities)
         if native is None:
             return Precision(
-                "cpu", None,
+                "cpu",
+                None,
                 f"{key}: fp32: this CPU has no native bf16 (AMX-BF16/AVX512-BF16), where bfloat16 "
                 f"is slower than fp32; set {key}.PRECISION bfloat16 to force it",
             )
@@ -112,7 +119,9 @@ def _resolve_cpu(key: str, precision: str, capabilities: Mapping[str, object]) -
     if native is not None:
         return Precision("cpu", dtype, f"{key}: {precision} on cpu (native {native})")
     return Precision(
-        "cpu", dtype, f"{key}: {precision} on cpu (emulated)",
+        "cpu",
+        dtype,
+        f"{key}: {precision} on cpu (emulated)",
         warning=f"{key}.PRECISION {precision}: this CPU has no native {precision} instructions; "
         "expect it to be slower than fp32 (float16 convolutions: ~100x, torch 2.14 reference "
         "kernels)",
@@ -177,4 +186,3 @@ def upcast(tensors: Sequence[T]) -> list:
         else:
             out.append(upcast(item))
     return out
-

@@ -6,6 +6,7 @@ is therefore executable. ``.pth`` files go through ``torch.load(weights_only=Tru
 numpy arrays and plain containers/scalars. Anything else is refused unless the caller opts in with
 ``allow_unsafe`` (``CHECKPOINT.ALLOW_UNSAFE_PICKLE`` / ``tools/convert.py --allow-unsafe-pickle``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -70,7 +71,13 @@ class CorruptCheckpointError(ValueError):
 # zip raises RuntimeError, an empty file EOFError, text KeyError or UnpicklingError, random bytes
 # UnpicklingError, a cut legacy-format file RuntimeError).
 _CORRUPT_FILE_ERRORS = (
-    RuntimeError, EOFError, KeyError, IndexError, ValueError, TypeError, pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    KeyError,
+    IndexError,
+    ValueError,
+    TypeError,
+    pickle.UnpicklingError,
 )
 
 
@@ -152,7 +159,9 @@ def load_torch(path: str, *, allow_unsafe: bool = False) -> Any:
             ) from None
     except _CORRUPT_FILE_ERRORS as e:
         raise _corrupt(path, _first_sentence(e)) from e
-    logger.warning(f"{path}: loading with torch.load(weights_only=False) (ALLOW_UNSAFE_PICKLE is on)")
+    logger.warning(
+        f"{path}: loading with torch.load(weights_only=False) (ALLOW_UNSAFE_PICKLE is on)"
+    )
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except _CORRUPT_FILE_ERRORS as e:

@@ -5,6 +5,7 @@ The reference assigns with dense (points x GT) tensors, whose memory grows with 
 number of (point, box) pairs alive at once; the running "smallest area wins, lowest index on ties"
 reduction gives exactly the reference's result.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,10 @@ from torch import Tensor
 
 
 def grid_points(
-    grid_sizes: Sequence[Tuple[int, int]], strides: Sequence[int], offset: float, device: torch.device
+    grid_sizes: Sequence[Tuple[int, int]],
+    strides: Sequence[int],
+    offset: float,
+    device: torch.device,
 ) -> List[Tensor]:
     """Input-pixel (x, y) of every feature-map cell, row-major, one (H*W, 2) tensor per level.
 
@@ -88,8 +92,10 @@ class FCOSTargetAssigner:
         device = points_per_level[0].device
 
         def expand(values: Sequence[float]) -> Tensor:
-            return torch.repeat_interleave(torch.tensor(values, dtype=torch.float32, device=device),
-                                           torch.tensor(counts, device=device))
+            return torch.repeat_interleave(
+                torch.tensor(values, dtype=torch.float32, device=device),
+                torch.tensor(counts, device=device),
+            )
 
         return (
             expand([float(s) for s in self.strides]),
@@ -98,7 +104,9 @@ class FCOSTargetAssigner:
         )
 
     @torch.no_grad()
-    def __call__(self, points_per_level: Sequence[Tensor], gt_instances: Sequence[Instances]) -> FCOSTargets:
+    def __call__(
+        self, points_per_level: Sequence[Tensor], gt_instances: Sequence[Instances]
+    ) -> FCOSTargets:
         """Targets for a batch; points are the same for every image (one padded grid)."""
         points = torch.cat(list(points_per_level), dim=0)
         strides, lo, hi = self._per_point(points_per_level)
@@ -112,7 +120,9 @@ class FCOSTargetAssigner:
             centerness=torch.stack([t.centerness for t in per_image]),
         )
 
-    def _match(self, points: Tensor, strides: Tensor, lo: Tensor, hi: Tensor, boxes: Tensor) -> Tuple[Tensor, Tensor]:
+    def _match(
+        self, points: Tensor, strides: Tensor, lo: Tensor, hi: Tensor, boxes: Tensor
+    ) -> Tuple[Tensor, Tensor]:
         """(area of the matched box or inf, its index) per point, reducing over GT chunks."""
         num_points = len(points)
         best_area = torch.full((num_points,), math.inf, device=points.device)
@@ -127,10 +137,17 @@ class FCOSTargetAssigner:
             if self.center_sampling_radius > 0:
                 radius = strides[:, None] * self.center_sampling_radius
                 cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-                inside = torch.minimum(
-                    torch.minimum(x - torch.maximum(cx - radius, x0), y - torch.maximum(cy - radius, y0)),
-                    torch.minimum(torch.minimum(cx + radius, x1) - x, torch.minimum(cy + radius, y1) - y),
-                ) > 0
+                inside = (
+                    torch.minimum(
+                        torch.minimum(
+                            x - torch.maximum(cx - radius, x0), y - torch.maximum(cy - radius, y0)
+                        ),
+                        torch.minimum(
+                            torch.minimum(cx + radius, x1) - x, torch.minimum(cy + radius, y1) - y
+                        ),
+                    )
+                    > 0
+                )
             else:
                 inside = torch.minimum(torch.minimum(left, top), torch.minimum(right, bottom)) > 0
             eligible = inside & (max_delta >= lo[:, None]) & (max_delta <= hi[:, None])
@@ -143,20 +160,30 @@ class FCOSTargetAssigner:
         return best_area, best_index
 
     def assign_single(
-        self, points: Tensor, strides: Tensor, lo: Tensor, hi: Tensor, boxes: Tensor, classes: Tensor
+        self,
+        points: Tensor,
+        strides: Tensor,
+        lo: Tensor,
+        hi: Tensor,
+        boxes: Tensor,
+        classes: Tensor,
     ) -> FCOSTargets:
         """Targets of one image; an image without GT boxes is all background."""
         num_points = len(points)
         if len(boxes) == 0:
             return FCOSTargets(
-                classes=torch.full((num_points,), self.num_classes, dtype=torch.long, device=points.device),
+                classes=torch.full(
+                    (num_points,), self.num_classes, dtype=torch.long, device=points.device
+                ),
                 deltas=points.new_zeros((num_points, 4)),
                 centerness=points.new_zeros((num_points,)),
             )
         area, index = self._match(points, strides, lo, hi, boxes)
         foreground = torch.isfinite(area)
         deltas = ltrb_deltas(points, boxes[index])
-        target_classes = torch.where(foreground, classes[index], torch.full_like(index, self.num_classes))
+        target_classes = torch.where(
+            foreground, classes[index], torch.full_like(index, self.num_classes)
+        )
         centerness = torch.where(foreground, centerness_target(deltas), torch.zeros_like(area))
         deltas = torch.where(foreground[:, None], deltas, torch.zeros_like(deltas))
         return FCOSTargets(classes=target_classes, deltas=deltas, centerness=centerness)

@@ -17,6 +17,7 @@ The official config lists the test size separately (identity, its flip, then ``S
 Boxes are clipped to the image after NMS, as in the non-TTA path (``detector_postprocess``), so that a
 single identity augmentation gives exactly the model's normal output.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Tuple
@@ -55,7 +56,9 @@ class FCOSWithTTA(nn.Module):
         if isinstance(model, DistributedDataParallel):
             model = model.module
         if not isinstance(model, FCOS):
-            raise TypeError(f"FCOSWithTTA needs an FCOS model (MODEL.META_ARCHITECTURE: FCOS), got {type(model).__name__}")
+            raise TypeError(
+                f"FCOSWithTTA needs an FCOS model (MODEL.META_ARCHITECTURE: FCOS), got {type(model).__name__}"
+            )
         self.model = model
         self.tta_mapper = tta_mapper if tta_mapper is not None else DatasetMapperTTA(cfg)
 

@@ -5,6 +5,7 @@ convolutions of the head re-drawn: the default init puts every class probability
 the score threshold and nearly tied, so nothing would be detected and any ranking would hinge on
 rounding. Re-drawn, a few dozen detections per image come out, well separated in score.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +22,14 @@ from fcos.engine.defaults import load_config
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPES_CONFIG = REPO_ROOT / "configs" / "fcos_shapes.yaml"
 # The embedded config at a small test size on the CPU.
-TINY_OPTS: Tuple[str, ...] = ("MODEL.DEVICE", "cpu", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160")
+TINY_OPTS: Tuple[str, ...] = (
+    "MODEL.DEVICE",
+    "cpu",
+    "INPUT.MIN_SIZE_TEST",
+    "128",
+    "INPUT.MAX_SIZE_TEST",
+    "160",
+)
 VAL_IMAGE_SIZE = (96, 128)
 
 
@@ -54,13 +62,16 @@ def save_weights(model: torch.nn.Module, path: Path) -> Path:
 
 def shapes_val(root: Path, num_val: int = 3) -> Tuple[List[Path], Path]:
     """A small generated shapes dataset under ``root``: (val image paths, val COCO JSON)."""
-    paths = shapes.ensure_shapes_dataset(root, num_train=1, num_val=num_val, image_size=VAL_IMAGE_SIZE)
+    paths = shapes.ensure_shapes_dataset(
+        root, num_train=1, num_val=num_val, image_size=VAL_IMAGE_SIZE
+    )
     images = sorted(paths["val_images"].glob("*.jpg"))
     return images, paths["val_json"]
 
 
-def same_detections(boxes_a, scores_a, classes_a, boxes_b, scores_b, classes_b,
-                    box_atol: float, score_atol: float) -> bool:
+def same_detections(
+    boxes_a, scores_a, classes_a, boxes_b, scores_b, classes_b, box_atol: float, score_atol: float
+) -> bool:
     """One-to-one match: every detection of ``a`` has its own detection in ``b`` with the same class,
     every coordinate within ``box_atol`` and the score within ``score_atol``.
 
@@ -68,14 +79,24 @@ def same_detections(boxes_a, scores_a, classes_a, boxes_b, scores_b, classes_b,
     (seen: 5e-7) may come out in either order.
     """
     boxes_a, boxes_b = np.asarray(boxes_a, dtype=np.float64), np.asarray(boxes_b, dtype=np.float64)
-    scores_a, scores_b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
+    scores_a, scores_b = np.asarray(scores_a, dtype=np.float64), np.asarray(
+        scores_b, dtype=np.float64
+    )
     classes_a, classes_b = np.asarray(classes_a), np.asarray(classes_b)
     if len(boxes_a) != len(boxes_b):
         return False
     unmatched = set(range(len(boxes_b)))
     for box, score, cls in zip(boxes_a, scores_a, classes_a):
-        match = next((j for j in sorted(unmatched) if classes_b[j] == cls
-                      and np.abs(boxes_b[j] - box).max() <= box_atol and abs(scores_b[j] - score) <= score_atol), None)
+        match = next(
+            (
+                j
+                for j in sorted(unmatched)
+                if classes_b[j] == cls
+                and np.abs(boxes_b[j] - box).max() <= box_atol
+                and abs(scores_b[j] - score) <= score_atol
+            ),
+            None,
+        )
         if match is None:
             return False
         unmatched.remove(match)

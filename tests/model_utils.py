@@ -1,4 +1,5 @@
 """Small FCOS configs and inputs shared by the model tests (tiny ResNet-18-FPN so CPU tests stay fast)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,6 +45,9 @@ def batch(height: int = 96, width: int = 128, seed: int = 0) -> List[Dict]:
     generator = torch.Generator().manual_seed(seed)
     images = [torch.rand(3, height, width, generator=generator) * 255 for _ in range(2)]
     return [
-        {"image": images[0], "instances": instances((height, width), [[8, 8, 40, 30], [20, 10, 120, 90]], [0, 2])},
+        {
+            "image": images[0],
+            "instances": instances((height, width), [[8, 8, 40, 30], [20, 10, 120, 90]], [0, 2]),
+        },
         {"image": images[1], "instances": instances((height, width), [], [])},
     ]

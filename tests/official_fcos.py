@@ -7,6 +7,7 @@ threshold then top-k by prob * centerness, sqrt(prob * centerness) scores) and i
 (``FCOSPostProcessor``: clip to the image with the last pixel index, ``remove_small_boxes(0)``, the
 class-aware "+1" NMS of ``boxlist_ml_nms``, the ``kthvalue`` cut to ``DETECTIONS_PER_IMG``).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -32,13 +33,25 @@ def _bn(sd: Dict[str, Tensor], prefix: str, channels: int, g: torch.Generator) -
     sd[f"{prefix}.running_var"] = var
 
 
-def _conv(sd: Dict[str, Tensor], prefix: str, out_c: int, in_c: int, k: int, g: torch.Generator, bias: bool) -> None:
-    sd[f"{prefix}.weight"] = torch.randn(out_c, in_c, k, k, generator=g) * (1.0 / (in_c * k * k)) ** 0.5
+def _conv(
+    sd: Dict[str, Tensor],
+    prefix: str,
+    out_c: int,
+    in_c: int,
+    k: int,
+    g: torch.Generator,
+    bias: bool,
+) -> None:
+    sd[f"{prefix}.weight"] = (
+        torch.randn(out_c, in_c, k, k, generator=g) * (1.0 / (in_c * k * k)) ** 0.5
+    )
     if bias:
         sd[f"{prefix}.bias"] = 0.1 * torch.randn(out_c, generator=g)
 
 
-def official_r50_fpn_state_dict(num_classes: int = 80, num_convs: int = 4, seed: int = 0) -> "OrderedDict[str, Tensor]":
+def official_r50_fpn_state_dict(
+    num_classes: int = 80, num_convs: int = 4, seed: int = 0
+) -> "OrderedDict[str, Tensor]":
     """A ``{"model": ...}`` payload as the official repo saves it: every key prefixed ``module.``.
 
     ``num_classes`` excludes background (the official head has NUM_CLASSES - 1 = 80 outputs for COCO).
@@ -93,12 +106,16 @@ def _frozen_bn(x: Tensor, sd: Dict[str, Tensor], p: str, eps: float) -> Tensor:
 
 
 def _bottleneck(x: Tensor, sd: Dict[str, Tensor], p: str, stride: int, eps: float) -> Tensor:
-    out = F.relu(_frozen_bn(F.conv2d(x, sd[f"{p}.conv1.weight"], stride=stride), sd, f"{p}.bn1", eps))
+    out = F.relu(
+        _frozen_bn(F.conv2d(x, sd[f"{p}.conv1.weight"], stride=stride), sd, f"{p}.bn1", eps)
+    )
     out = F.relu(_frozen_bn(F.conv2d(out, sd[f"{p}.conv2.weight"], padding=1), sd, f"{p}.bn2", eps))
     out = _frozen_bn(F.conv2d(out, sd[f"{p}.conv3.weight"]), sd, f"{p}.bn3", eps)
     identity = x
     if f"{p}.downsample.0.weight" in sd:
-        identity = _frozen_bn(F.conv2d(x, sd[f"{p}.downsample.0.weight"], stride=stride), sd, f"{p}.downsample.1", eps)
+        identity = _frozen_bn(
+            F.conv2d(x, sd[f"{p}.downsample.0.weight"], stride=stride), sd, f"{p}.downsample.1", eps
+        )
     return F.relu(out + identity)
 
 
@@ -109,18 +126,29 @@ def _conv_b(x: Tensor, sd: Dict[str, Tensor], p: str, stride: int = 1, padding: 
 def official_features(sd: Dict[str, Tensor], x: Tensor, bn_eps: float = 0.0) -> List[Tensor]:
     """P3..P7 of the official R-50-FPN-RETINANET body with USE_C5 False (P6 from P5)."""
     b = "backbone.body"
-    x = F.relu(_frozen_bn(F.conv2d(x, sd[f"{b}.stem.conv1.weight"], stride=2, padding=3), sd, f"{b}.stem.bn1", bn_eps))
+    x = F.relu(
+        _frozen_bn(
+            F.conv2d(x, sd[f"{b}.stem.conv1.weight"], stride=2, padding=3),
+            sd,
+            f"{b}.stem.bn1",
+            bn_eps,
+        )
+    )
     x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
     stages = []
     for layer, blocks in enumerate(R50_BLOCKS, start=1):
         for i in range(blocks):
-            x = _bottleneck(x, sd, f"{b}.layer{layer}.{i}", 2 if (i == 0 and layer > 1) else 1, bn_eps)
+            x = _bottleneck(
+                x, sd, f"{b}.layer{layer}.{i}", 2 if (i == 0 and layer > 1) else 1, bn_eps
+            )
         stages.append(x)
     c3, c4, c5 = stages[1:]
     inner = _conv_b(c5, sd, "backbone.fpn.fpn_inner4")
     results = [_conv_b(inner, sd, "backbone.fpn.fpn_layer4", padding=1)]
     for c, level in ((c4, 3), (c3, 2)):
-        inner = _conv_b(c, sd, f"backbone.fpn.fpn_inner{level}") + F.interpolate(inner, scale_factor=2, mode="nearest")
+        inner = _conv_b(c, sd, f"backbone.fpn.fpn_inner{level}") + F.interpolate(
+            inner, scale_factor=2, mode="nearest"
+        )
         results.insert(0, _conv_b(inner, sd, f"backbone.fpn.fpn_layer{level}", padding=1))
     p6 = _conv_b(results[-1], sd, "backbone.fpn.top_blocks.p6", stride=2, padding=1)
     p7 = _conv_b(F.relu(p6), sd, "backbone.fpn.top_blocks.p7", stride=2, padding=1)
@@ -130,7 +158,12 @@ def official_features(sd: Dict[str, Tensor], x: Tensor, bn_eps: float = 0.0) -> 
 def _tower(x: Tensor, sd: Dict[str, Tensor], name: str, num_convs: int) -> Tensor:
     for i in range(num_convs):
         x = _conv_b(x, sd, f"rpn.head.{name}.{3 * i}", padding=1)
-        x = F.group_norm(x, 32, sd[f"rpn.head.{name}.{3 * i + 1}.weight"], sd[f"rpn.head.{name}.{3 * i + 1}.bias"])
+        x = F.group_norm(
+            x,
+            32,
+            sd[f"rpn.head.{name}.{3 * i + 1}.weight"],
+            sd[f"rpn.head.{name}.{3 * i + 1}.bias"],
+        )
         x = F.relu(x)
     return x
 
@@ -201,7 +234,10 @@ def official_detections(
         cls_t = _tower(feature, sd, "cls_tower", num_convs)
         box_t = _tower(feature, sd, "bbox_tower", num_convs)
         probs = _conv_b(cls_t, sd, "rpn.head.cls_logits", padding=1)[0].sigmoid()
-        reg = _conv_b(box_t, sd, "rpn.head.bbox_pred", padding=1)[0] * sd[f"rpn.head.scales.{level}.scale"]
+        reg = (
+            _conv_b(box_t, sd, "rpn.head.bbox_pred", padding=1)[0]
+            * sd[f"rpn.head.scales.{level}.scale"]
+        )
         reg = F.relu(reg) * stride
         ctr = _conv_b(box_t, sd, "rpn.head.centerness", padding=1)[0, 0].sigmoid()
         num_classes, fh, fw = probs.shape

@@ -20,6 +20,7 @@ from detectron2.modeling import build_model
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from detectron2.utils.events import EventStorage
+from model_utils import REPO
 from torch import nn
 
 from fcos.data import shapes
@@ -27,7 +28,6 @@ from fcos.engine.config import get_fcos_cfg
 from fcos.engine.hooks import FiniteLossAMPTrainer, NonFiniteLossError
 from fcos.head import FCOSHead
 from fcos.precision import Precision, resolve_precision
-from model_utils import REPO
 
 SIZE = 96
 STEPS = 30

@@ -4,6 +4,7 @@ status (2 bad input, 1 divergence), no traceback (unless FCOS_DEBUG=1) and no pa
 Degenerate training boxes are in test_check.py / test_train_setup.py; voc2coco's and the checker's
 own bad input in test_voc2coco.py / test_check.py.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,11 +18,20 @@ from typing import Iterator, List
 
 import pytest
 import torch
+from convert import main as convert_main
 from detectron2.modeling import build_model
+from export import main as export_main
+from inference_helpers import (
+    SHAPES_CONFIG,
+    TINY_OPTS,
+    random_fcos,
+    save_weights,
+    shapes_val,
+    tiny_cfg,
+)
+from train_helpers import REPO, TRAIN_NET, run_train_net, shapes_run
 
 import train_net
-from convert import main as convert_main
-from export import main as export_main
 from fcos.checkpoint import FCOSCheckpointer, ResumeError
 from fcos.engine.cli import DEBUG_ENV
 from fcos.engine.config import SetupError, get_fcos_cfg, merge_config
@@ -29,10 +39,6 @@ from fcos.engine.launch import launch
 from fcos.errors import NonFiniteLossError
 from fcos.losses import check_finite_predictions, fcos_losses
 from fcos.safe_pickle import CorruptCheckpointError
-from inference_helpers import (
-    SHAPES_CONFIG, TINY_OPTS, random_fcos, save_weights, shapes_val, tiny_cfg,
-)
-from train_helpers import REPO, TRAIN_NET, run_train_net, shapes_run
 
 _spec = importlib.util.spec_from_file_location("fcos_demo_bad_input", REPO / "demo" / "demo.py")
 demo = importlib.util.module_from_spec(_spec)
@@ -61,10 +67,11 @@ def _one_error_line(stderr: str, prog: str, subprocess_run: bool = False) -> str
         assert "Traceback" not in stderr, stderr
     lines = [line for line in stderr.splitlines() if line.startswith(f"{prog}: error: ")]
     assert len(lines) == 1, stderr
-    return lines[0][len(f"{prog}: error: "):]
+    return lines[0][len(f"{prog}: error: ") :]
 
 
 # --- config files and keys ------------------------------------------------------------------------
+
 
 @pytest.fixture
 def configs(tmp_path: Path) -> Path:
@@ -78,34 +85,70 @@ def configs(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("config, opts, expected", [
-    ("absent.yaml", [], "--config-file: {d}/absent.yaml does not exist"),
-    (str(SHAPES_CONFIG), ["MODEL.FCOS.NUM_CONV", "3"],
-     "command-line override: MODEL.FCOS.NUM_CONV is not a config key; "
-     "did you mean MODEL.FCOS.NUM_CONVS?"),
-    ("child.yaml", [], "{d}/base.yaml (in the _BASE_ chain of {d}/child.yaml): MODEL.FCOS.NUM_CONV "
-                       "is not a config key; did you mean MODEL.FCOS.NUM_CONVS?"),
-    (str(SHAPES_CONFIG), ["MODEL.FCOS.SCORE_THRESH", "0.1"],
-     "command-line override: MODEL.FCOS.SCORE_THRESH is not a config key; did you mean "
-     "MODEL.FCOS.SCORE_THRESH_TEST?"),
-    ("type.yaml", [], "{d}/type.yaml: MODEL.FCOS.NUM_CONVS must be of type int "
-                      "(the value it replaces is 4), got 'abc' of type str"),
-    (str(SHAPES_CONFIG), ["SOLVER.MAX_ITER", "many"],
-     "command-line override: SOLVER.MAX_ITER must be of type int (the value it replaces is 500), "
-     "got 'many' of type str"),
-    ("renamed.yaml", [], "{d}/renamed.yaml: MODEL.FCOS.ALLOW_UNSAFE_PICKLE was renamed to "
-                         "CHECKPOINT.ALLOW_UNSAFE_PICKLE (a checkpoint-loading policy, not a model "
-                         "parameter); use CHECKPOINT.ALLOW_UNSAFE_PICKLE"),
-    ("broken.yaml", [], "{d}/broken.yaml: not valid YAML: expected the node content, but found "
-                        "'<stream end>' at line 3, column 1"),
-    ("list.yaml", [], "{d}/list.yaml: expected a mapping of config keys (KEY: value), got list"),
-    ("lost_base.yaml", [], "_BASE_ of {d}/lost_base.yaml: {d}/gone.yaml does not exist"),
-    (str(SHAPES_CONFIG), ["MODEL.FCOS.NUM_CONVS"],
-     "command-line overrides need KEY VALUE pairs, got an odd number of items: "
-     "['MODEL.FCOS.NUM_CONVS']"),
-])
-def test_config_errors_name_file_and_key(configs: Path, config: str, opts: List[str],
-                                         expected: str) -> None:
+@pytest.mark.parametrize(
+    "config, opts, expected",
+    [
+        ("absent.yaml", [], "--config-file: {d}/absent.yaml does not exist"),
+        (
+            str(SHAPES_CONFIG),
+            ["MODEL.FCOS.NUM_CONV", "3"],
+            "command-line override: MODEL.FCOS.NUM_CONV is not a config key; "
+            "did you mean MODEL.FCOS.NUM_CONVS?",
+        ),
+        (
+            "child.yaml",
+            [],
+            "{d}/base.yaml (in the _BASE_ chain of {d}/child.yaml): MODEL.FCOS.NUM_CONV "
+            "is not a config key; did you mean MODEL.FCOS.NUM_CONVS?",
+        ),
+        (
+            str(SHAPES_CONFIG),
+            ["MODEL.FCOS.SCORE_THRESH", "0.1"],
+            "command-line override: MODEL.FCOS.SCORE_THRESH is not a config key; did you mean "
+            "MODEL.FCOS.SCORE_THRESH_TEST?",
+        ),
+        (
+            "type.yaml",
+            [],
+            "{d}/type.yaml: MODEL.FCOS.NUM_CONVS must be of type int "
+            "(the value it replaces is 4), got 'abc' of type str",
+        ),
+        (
+            str(SHAPES_CONFIG),
+            ["SOLVER.MAX_ITER", "many"],
+            "command-line override: SOLVER.MAX_ITER must be of type int (the value it replaces is 500), "
+            "got 'many' of type str",
+        ),
+        (
+            "renamed.yaml",
+            [],
+            "{d}/renamed.yaml: MODEL.FCOS.ALLOW_UNSAFE_PICKLE was renamed to "
+            "CHECKPOINT.ALLOW_UNSAFE_PICKLE (a checkpoint-loading policy, not a model "
+            "parameter); use CHECKPOINT.ALLOW_UNSAFE_PICKLE",
+        ),
+        (
+            "broken.yaml",
+            [],
+            "{d}/broken.yaml: not valid YAML: expected the node content, but found "
+            "'<stream end>' at line 3, column 1",
+        ),
+        (
+            "list.yaml",
+            [],
+            "{d}/list.yaml: expected a mapping of config keys (KEY: value), got list",
+        ),
+        ("lost_base.yaml", [], "_BASE_ of {d}/lost_base.yaml: {d}/gone.yaml does not exist"),
+        (
+            str(SHAPES_CONFIG),
+            ["MODEL.FCOS.NUM_CONVS"],
+            "command-line overrides need KEY VALUE pairs, got an odd number of items: "
+            "['MODEL.FCOS.NUM_CONVS']",
+        ),
+    ],
+)
+def test_config_errors_name_file_and_key(
+    configs: Path, config: str, opts: List[str], expected: str
+) -> None:
     with pytest.raises(SetupError) as err:
         merge_config(get_fcos_cfg(), str(configs / config), opts)
     assert str(err.value) == expected.format(d=configs)
@@ -113,16 +156,18 @@ def test_config_errors_name_file_and_key(configs: Path, config: str, opts: List[
 
 def test_train_net_config_typo_is_one_line_exit_2(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = run_train_net(["--config-file", str(SHAPES_CONFIG), "MODEL.FCOS.NUM_CONV", "3",
-                            "OUTPUT_DIR", str(out)])
+    result = run_train_net(
+        ["--config-file", str(SHAPES_CONFIG), "MODEL.FCOS.NUM_CONV", "3", "OUTPUT_DIR", str(out)]
+    )
     assert result.returncode == 2
     message = _one_error_line(result.stderr, "train_net.py", subprocess_run=True)
     assert "MODEL.FCOS.NUM_CONV is not a config key; did you mean MODEL.FCOS.NUM_CONVS?" in message
     assert not out.exists()
 
 
-def test_debug_variable_shows_the_traceback(tmp_path: Path, capsys, monkeypatch,
-                                            root_logging) -> None:
+def test_debug_variable_shows_the_traceback(
+    tmp_path: Path, capsys, monkeypatch, root_logging
+) -> None:
     argv = ["--config-file", str(tmp_path / "absent.yaml")]
     assert train_net.cli(argv) == 2
     assert capsys.readouterr().err.startswith("train_net.py: error: --config-file")
@@ -134,13 +179,17 @@ def test_debug_variable_shows_the_traceback(tmp_path: Path, capsys, monkeypatch,
 
 # --- corrupt checkpoints --------------------------------------------------------------------------
 
+
 def _corrupt_files(directory: Path, good: Path) -> List[Path]:
     """A truncated zip checkpoint, an empty file, a text file and a truncated .pkl."""
     directory.mkdir(parents=True, exist_ok=True)
     data = good.read_bytes()
-    files = {"truncated.pth": data[: len(data) // 2], "empty.pth": b"",
-             "notes.pth": b"hello, not weights\n",
-             "truncated.pkl": b"\x80\x02}q\x00(X\x07\x00\x00\x00conv1_wq"}
+    files = {
+        "truncated.pth": data[: len(data) // 2],
+        "empty.pth": b"",
+        "notes.pth": b"hello, not weights\n",
+        "truncated.pkl": b"\x80\x02}q\x00(X\x07\x00\x00\x00conv1_wq",
+    }
     for name, content in files.items():
         (directory / name).write_bytes(content)
     return [directory / name for name in files]
@@ -165,12 +214,23 @@ def test_corrupt_checkpoint_names_the_file(tmp_path: Path, weights: Path) -> Non
         FCOSCheckpointer(model).load(str(tmp_path / "empty.pth"))
 
 
-def test_train_net_eval_with_truncated_weights_is_exit_2(tmp_path: Path, weights: Path, capsys,
-                                                         root_logging) -> None:
+def test_train_net_eval_with_truncated_weights_is_exit_2(
+    tmp_path: Path, weights: Path, capsys, root_logging
+) -> None:
     truncated = _corrupt_files(tmp_path / "bad", weights)[0]
-    code = train_net.cli(shapes_run(tmp_path, tmp_path / "out", "MODEL.WEIGHTS", str(truncated),
-                                    "MODEL.DEVICE", "cpu", "DATASETS.TEST", "()",
-                                    flags=["--eval-only"]))
+    code = train_net.cli(
+        shapes_run(
+            tmp_path,
+            tmp_path / "out",
+            "MODEL.WEIGHTS",
+            str(truncated),
+            "MODEL.DEVICE",
+            "cpu",
+            "DATASETS.TEST",
+            "()",
+            flags=["--eval-only"],
+        )
+    )
     assert code == 2
     message = _one_error_line(capsys.readouterr().err, "train_net.py")
     expected = f"{truncated}: not a complete checkpoint file (RuntimeError: PytorchStreamReader"
@@ -195,16 +255,31 @@ def test_resume_from_a_corrupt_last_checkpoint_names_both_files(tmp_path: Path) 
         FCOSCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
 
 
-def test_convert_and_export_refuse_corrupt_weights_without_output(tmp_path: Path, weights: Path,
-                                                                   capsys) -> None:
+def test_convert_and_export_refuse_corrupt_weights_without_output(
+    tmp_path: Path, weights: Path, capsys
+) -> None:
     truncated = _corrupt_files(tmp_path / "bad", weights)[0]
     out = tmp_path / "out"
     assert convert_main([str(truncated), str(out / "converted.pth")]) == 2
     message = _one_error_line(capsys.readouterr().err, "tools/convert.py")
     assert message.startswith(f"{truncated}: not a complete")
-    assert export_main(["--config-file", str(SHAPES_CONFIG), "--format", "torchscript", "--output",
-                        str(out / "m.ts"), "--opts", *TINY_OPTS, "MODEL.WEIGHTS",
-                        str(truncated)]) == 2
+    assert (
+        export_main(
+            [
+                "--config-file",
+                str(SHAPES_CONFIG),
+                "--format",
+                "torchscript",
+                "--output",
+                str(out / "m.ts"),
+                "--opts",
+                *TINY_OPTS,
+                "MODEL.WEIGHTS",
+                str(truncated),
+            ]
+        )
+        == 2
+    )
     message = _one_error_line(capsys.readouterr().err, "tools/export.py")
     assert message.startswith(f"{truncated}: not a complete")
     assert not out.exists()
@@ -212,9 +287,11 @@ def test_convert_and_export_refuse_corrupt_weights_without_output(tmp_path: Path
 
 # --- the demo: same classes of input --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", ["missing config", "key typo", "corrupt weights", "no ann_file"])
-def test_demo_bad_input_is_one_line_exit_2(tmp_path: Path, weights: Path, capsys,
-                                           case: str) -> None:
+def test_demo_bad_input_is_one_line_exit_2(
+    tmp_path: Path, weights: Path, capsys, case: str
+) -> None:
     images, _ = shapes_val(tmp_path / "shapes", num_val=1)
     config, opts, extra = str(SHAPES_CONFIG), [*TINY_OPTS, "MODEL.WEIGHTS", str(weights)], []
     if case == "missing config":
@@ -231,8 +308,21 @@ def test_demo_bad_input_is_one_line_exit_2(tmp_path: Path, weights: Path, capsys
         extra = ["--ann_file", str(tmp_path / "absent.json")]
         culprit = f"{tmp_path / 'absent.json'}: cannot read"
     out = tmp_path / "drawn"
-    code = demo.main(["--config-file", config, "--input", str(images[0]), "--output", str(out),
-                      "--json", str(tmp_path / "d.json"), *extra, "--opts", *opts])
+    code = demo.main(
+        [
+            "--config-file",
+            config,
+            "--input",
+            str(images[0]),
+            "--output",
+            str(out),
+            "--json",
+            str(tmp_path / "d.json"),
+            *extra,
+            "--opts",
+            *opts,
+        ]
+    )
     assert code == 2
     assert culprit in _one_error_line(capsys.readouterr().err, "demo.py")
     assert not out.exists() and not (tmp_path / "d.json").exists()
@@ -240,14 +330,23 @@ def test_demo_bad_input_is_one_line_exit_2(tmp_path: Path, weights: Path, capsys
 
 # --- divergence -----------------------------------------------------------------------------------
 
+
 def test_nan_box_predictions_stop_before_the_giou_assertion() -> None:
     # fvcore's giou_loss asserts x1 <= x2 on the predicted boxes, which a NaN fails: check first.
     deltas = torch.ones(3, 4)
     deltas[1, 2] = float("nan")
-    args = dict(pred_logits=torch.zeros(3, 2), pred_centerness=torch.zeros(3),
-                gt_classes=torch.tensor([0, 1, 2]), gt_deltas=torch.ones(3, 4),
-                gt_centerness=torch.ones(3), num_classes=2, focal_alpha=0.25, focal_gamma=2.0,
-                iou_loss_type="giou", norm_sync=False)
+    args = dict(
+        pred_logits=torch.zeros(3, 2),
+        pred_centerness=torch.zeros(3),
+        gt_classes=torch.tensor([0, 1, 2]),
+        gt_deltas=torch.ones(3, 4),
+        gt_centerness=torch.ones(3),
+        num_classes=2,
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+        iou_loss_type="giou",
+        norm_sync=False,
+    )
     expected = r"^the head's box regression \(bbox_pred\) output became NaN or Inf$"
     with pytest.raises(NonFiniteLossError, match=expected):
         fcos_losses(pred_deltas=deltas, **args)
@@ -292,11 +391,24 @@ def test_nan_weights_are_never_saved(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_diverging_training_exits_1_with_one_line_and_intact_checkpoints(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = run_train_net(shapes_run(
-        tmp_path, out, "SOLVER.OPTIMIZER", "SGD", "SOLVER.BASE_LR", "1e9",
-        "SOLVER.CLIP_GRADIENTS.ENABLED", "False", "SOLVER.MAX_ITER", "20",
-        "SOLVER.CHECKPOINT_PERIOD", "1", "DATASETS.TEST", "()",
-    ))
+    result = run_train_net(
+        shapes_run(
+            tmp_path,
+            out,
+            "SOLVER.OPTIMIZER",
+            "SGD",
+            "SOLVER.BASE_LR",
+            "1e9",
+            "SOLVER.CLIP_GRADIENTS.ENABLED",
+            "False",
+            "SOLVER.MAX_ITER",
+            "20",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "1",
+            "DATASETS.TEST",
+            "()",
+        )
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stdout
     message = _one_error_line(result.stderr, "train_net.py", subprocess_run=True)
@@ -311,21 +423,38 @@ def test_diverging_training_exits_1_with_one_line_and_intact_checkpoints(tmp_pat
 
 # --- permissions of what train_net writes ---------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits")
 def test_every_output_file_has_umask_permissions(tmp_path: Path) -> None:
     umask = 0o027
     out = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, str(TRAIN_NET), *shapes_run(tmp_path, out, "SOLVER.MAX_ITER", "2",
-                                                     "SOLVER.CHECKPOINT_PERIOD", "1")],
-        cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(umask),
+        [
+            sys.executable,
+            str(TRAIN_NET),
+            *shapes_run(tmp_path, out, "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.umask(umask),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    written = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode)
-               for p in out.rglob("*")}
-    assert {"config.yaml", "config_my.yaml", "training_curves.png", "model_0000000.pth",
-            "model_final.pth", "last_checkpoint", "metrics.json", "log.txt",
-            "inference/coco_instances_results.json"} <= set(written)
+    written = {
+        p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")
+    }
+    assert {
+        "config.yaml",
+        "config_my.yaml",
+        "training_curves.png",
+        "model_0000000.pth",
+        "model_final.pth",
+        "last_checkpoint",
+        "metrics.json",
+        "log.txt",
+        "inference/coco_instances_results.json",
+    } <= set(written)
     expected = {name: (0o777 if (out / name).is_dir() else 0o666) & ~umask for name in written}
     assert written == expected

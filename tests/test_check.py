@@ -25,9 +25,30 @@ def _good() -> dict[str, Any]:
             {"id": 2, "file_name": "b.jpg", "width": 20, "height": 10},
         ],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 30], "area": 1200, "iscrowd": 0},
-            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [1, 1, 5, 3], "area": 15, "iscrowd": 0},
-            {"id": 3, "image_id": 2, "category_id": 2, "bbox": [10, 2, 4, 4], "area": 16, "iscrowd": 1},
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [0, 0, 40, 30],
+                "area": 1200,
+                "iscrowd": 0,
+            },
+            {
+                "id": 2,
+                "image_id": 2,
+                "category_id": 2,
+                "bbox": [1, 1, 5, 3],
+                "area": 15,
+                "iscrowd": 0,
+            },
+            {
+                "id": 3,
+                "image_id": 2,
+                "category_id": 2,
+                "bbox": [10, 2, 4, 4],
+                "area": 16,
+                "iscrowd": 1,
+            },
         ],
         "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
     }
@@ -58,15 +79,26 @@ def test_good_dataset_passes(dataset: tuple[Path, Path], capsys) -> None:
     assert out.splitlines()[-1] == f"{ann}: OK"
     report = check_coco_dataset(ann, images)
     assert report.ok and report.errors == [] and report.warnings == []
-    assert report.summary == {"images": 2, "annotations": 3, "categories": {"cat": 1, "dog": 2},
-                              "images_without_annotations": 0, "errors": 0, "warnings": 0}
+    assert report.summary == {
+        "images": 2,
+        "annotations": 3,
+        "categories": {"cat": 1, "dog": 2},
+        "images_without_annotations": 0,
+        "errors": 0,
+        "warnings": 0,
+    }
 
 
 def test_cli_runs_as_module(dataset: tuple[Path, Path]) -> None:
     ann, images = dataset
     (images / "b.jpg").unlink()
-    proc = subprocess.run([sys.executable, "-m", "dataset.check", "--ann_file", str(ann), "--image_dir", str(images)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dataset.check", "--ann_file", str(ann), "--image_dir", str(images)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert f"  {images}/b.jpg: image file missing (images[1], id 2)" in proc.stdout.splitlines()
 
@@ -79,57 +111,103 @@ def _duplicate_image_id(data: dict[str, Any]) -> None:
 
 # Each case: how to break the good dataset, and the error expected (formatted with ann / images).
 BROKEN: dict[str, tuple[Callable[[Path, Path], None], str]] = {
-    "missing image": (lambda ann, images: (images / "b.jpg").unlink(),
-                      "{images}/b.jpg: image file missing (images[1], id 2)"),
-    "unreadable image": (lambda ann, images: (images / "b.jpg").write_bytes(b"not a jpeg"),
-                         "{images}/b.jpg: cannot read the image (images[1], id 2): cannot identify image file"),
-    "size mismatch": (lambda ann, images: _write(ann, lambda d: d["images"][0].update(width=41)),
-                      "{images}/a.jpg: the file is 40x30 but {ann} says 41x30 (images[0], id 1)"),
-    "zero-size box": (lambda ann, images: _write(ann, lambda d: d["annotations"][1].update(bbox=[1, 1, 0, 3])),
-                      "{ann}: annotations[1] (id 2, image b.jpg).bbox [1, 1, 0, 3]: zero or negative size"),
-    "negative-size box": (lambda ann, images: _write(ann, lambda d: d["annotations"][0].update(bbox=[5, 5, 4, -1])),
-                          "{ann}: annotations[0] (id 1, image a.jpg).bbox [5, 5, 4, -1]: zero or negative size"),
-    "box outside": (lambda ann, images: _write(ann, lambda d: d["annotations"][1].update(bbox=[20, 0, 5, 5])),
-                    "{ann}: annotations[1] (id 2, image b.jpg).bbox [20, 0, 5, 5]: entirely outside the 20x10 image"),
-    "unknown category": (lambda ann, images: _write(ann, lambda d: d["annotations"][2].update(category_id=7)),
-                         "{ann}: annotations[2] (id 3, image b.jpg).category_id: unknown category id 7"),
-    "unknown image": (lambda ann, images: _write(ann, lambda d: d["annotations"][2].update(image_id=9)),
-                      "{ann}: annotations[2].image_id (id 3): no image with id 9"),
-    "duplicate image id": (lambda ann, images: _write(ann, _duplicate_image_id),
-                           "{ann}: images[1]: duplicate image id 1 (a.jpg and b.jpg)"),
-    "duplicate annotation id": (lambda ann, images: _write(ann, lambda d: d["annotations"][2].update(id=1)),
-                                "{ann}: annotations[2]: duplicate annotation id 1 (also annotations[0])"),
-    "duplicate category id": (lambda ann, images: _write(ann, lambda d: d["categories"].append({"id": 1, "name": "x"})),
-                              "{ann}: categories[2]: duplicate category id 1 ('cat' and 'x')"),
-    "bad width": (lambda ann, images: _write(ann, lambda d: d["images"][1].update(width="20")),
-                  "{ann}: images[1].width (b.jpg): expected a positive integer, got '20'"),
-    "bad bbox": (lambda ann, images: _write(ann, lambda d: d["annotations"][0].update(bbox=[0, 0, 4])),
-                 "{ann}: annotations[0] (id 1, image a.jpg).bbox: expected [x, y, width, height] of finite numbers, "
-                 "got [0, 0, 4]"),
-    "ignore flag": (lambda ann, images: _write(ann, lambda d: d["annotations"][0].update(ignore=1)),
-                    "{ann}: annotations[0] (id 1, image a.jpg).ignore is 1: detectron2 does not support 'ignore'; "
-                    "use iscrowd=1 to have COCO evaluation ignore a box"),
-    "not COCO: array": (lambda ann, images: ann.write_text("[1, 2]"),
-                        "{ann}: top level is an array, expected an object with 'images', 'annotations' and "
-                        "'categories' (not a COCO file)"),
-    "not COCO: missing key": (lambda ann, images: _write(ann, lambda d: d.pop("annotations")),
-                              "{ann}: missing key 'annotations' (not a COCO detection file)"),
-    "not COCO: wrong type": (lambda ann, images: _write(ann, lambda d: d.update(images={"a.jpg": 1})),
-                             "{ann}: 'images' is an object, expected an array"),
-    "truncated JSON": (lambda ann, images: ann.write_text(ann.read_text()[:150]),
-                       "{ann}: not valid JSON: Expecting property name enclosed in double quotes at line 1 column 151"),
-    "missing JSON": (lambda ann, images: ann.unlink(), "{ann}: cannot read: No such file or directory"),
+    "missing image": (
+        lambda ann, images: (images / "b.jpg").unlink(),
+        "{images}/b.jpg: image file missing (images[1], id 2)",
+    ),
+    "unreadable image": (
+        lambda ann, images: (images / "b.jpg").write_bytes(b"not a jpeg"),
+        "{images}/b.jpg: cannot read the image (images[1], id 2): cannot identify image file",
+    ),
+    "size mismatch": (
+        lambda ann, images: _write(ann, lambda d: d["images"][0].update(width=41)),
+        "{images}/a.jpg: the file is 40x30 but {ann} says 41x30 (images[0], id 1)",
+    ),
+    "zero-size box": (
+        lambda ann, images: _write(ann, lambda d: d["annotations"][1].update(bbox=[1, 1, 0, 3])),
+        "{ann}: annotations[1] (id 2, image b.jpg).bbox [1, 1, 0, 3]: zero or negative size",
+    ),
+    "negative-size box": (
+        lambda ann, images: _write(ann, lambda d: d["annotations"][0].update(bbox=[5, 5, 4, -1])),
+        "{ann}: annotations[0] (id 1, image a.jpg).bbox [5, 5, 4, -1]: zero or negative size",
+    ),
+    "box outside": (
+        lambda ann, images: _write(ann, lambda d: d["annotations"][1].update(bbox=[20, 0, 5, 5])),
+        "{ann}: annotations[1] (id 2, image b.jpg).bbox [20, 0, 5, 5]: entirely outside the 20x10 image",
+    ),
+    "unknown category": (
+        lambda ann, images: _write(ann, lambda d: d["annotations"][2].update(category_id=7)),
+        "{ann}: annotations[2] (id 3, image b.jpg).category_id: unknown category id 7",
+    ),
+    "unknown image": (
+        lambda ann, images: _write(ann, lambda d: d["annotations"][2].update(image_id=9)),
+        "{ann}: annotations[2].image_id (id 3): no image with id 9",
+    ),
+    "duplicate image id": (
+        lambda ann, images: _write(ann, _duplicate_image_id),
+        "{ann}: images[1]: duplicate image id 1 (a.jpg and b.jpg)",
+    ),
+    "duplicate annotation id": (
+        lambda ann, images: _write(ann, lambda d: d["annotations"][2].update(id=1)),
+        "{ann}: annotations[2]: duplicate annotation id 1 (also annotations[0])",
+    ),
+    "duplicate category id": (
+        lambda ann, images: _write(ann, lambda d: d["categories"].append({"id": 1, "name": "x"})),
+        "{ann}: categories[2]: duplicate category id 1 ('cat' and 'x')",
+    ),
+    "bad width": (
+        lambda ann, images: _write(ann, lambda d: d["images"][1].update(width="20")),
+        "{ann}: images[1].width (b.jpg): expected a positive integer, got '20'",
+    ),
+    "bad bbox": (
+        lambda ann, images: _write(ann, lambda d: d["annotations"][0].update(bbox=[0, 0, 4])),
+        "{ann}: annotations[0] (id 1, image a.jpg).bbox: expected [x, y, width, height] of finite numbers, "
+        "got [0, 0, 4]",
+    ),
+    "ignore flag": (
+        lambda ann, images: _write(ann, lambda d: d["annotations"][0].update(ignore=1)),
+        "{ann}: annotations[0] (id 1, image a.jpg).ignore is 1: detectron2 does not support 'ignore'; "
+        "use iscrowd=1 to have COCO evaluation ignore a box",
+    ),
+    "not COCO: array": (
+        lambda ann, images: ann.write_text("[1, 2]"),
+        "{ann}: top level is an array, expected an object with 'images', 'annotations' and "
+        "'categories' (not a COCO file)",
+    ),
+    "not COCO: missing key": (
+        lambda ann, images: _write(ann, lambda d: d.pop("annotations")),
+        "{ann}: missing key 'annotations' (not a COCO detection file)",
+    ),
+    "not COCO: wrong type": (
+        lambda ann, images: _write(ann, lambda d: d.update(images={"a.jpg": 1})),
+        "{ann}: 'images' is an object, expected an array",
+    ),
+    "truncated JSON": (
+        lambda ann, images: ann.write_text(ann.read_text()[:150]),
+        "{ann}: not valid JSON: Expecting property name enclosed in double quotes at line 1 column 151",
+    ),
+    "missing JSON": (
+        lambda ann, images: ann.unlink(),
+        "{ann}: cannot read: No such file or directory",
+    ),
 }
 
 
 # The annotation file itself cannot be read: nothing to check, one line and exit status 2.
-UNREADABLE = {"not COCO: array", "not COCO: missing key", "not COCO: wrong type", "truncated JSON",
-              "missing JSON"}
+UNREADABLE = {
+    "not COCO: array",
+    "not COCO: missing key",
+    "not COCO: wrong type",
+    "truncated JSON",
+    "missing JSON",
+}
 DEGENERATE = {"zero-size box", "negative-size box", "box outside"}
 
 
 @pytest.mark.parametrize("case", list(BROKEN))
-def test_broken_dataset_fails_naming_file_and_field(dataset: tuple[Path, Path], capsys, case: str) -> None:
+def test_broken_dataset_fails_naming_file_and_field(
+    dataset: tuple[Path, Path], capsys, case: str
+) -> None:
     # --strict: degenerate boxes are errors too (without it they are one warning, see below).
     ann, images = dataset
     breakage, expected = BROKEN[case]
@@ -156,8 +234,9 @@ def test_degenerate_boxes_are_one_warning_naming_a_few(dataset: tuple[Path, Path
         d["annotations"][1]["bbox"] = [1, 1, 4, -2]  # negative height
         d["annotations"][2]["bbox"] = [20, 0, 5, 5]  # right of the 20 px wide b.jpg
         # two more below b.jpg
-        d["annotations"] += [dict(d["annotations"][1], id=10 + i, bbox=[0, 10, 3, 3])
-                             for i in range(2)]
+        d["annotations"] += [
+            dict(d["annotations"][1], id=10 + i, bbox=[0, 10, 3, 3]) for i in range(2)
+        ]
 
     _write(ann, edit)
     report = check_coco_dataset(ann, images)
@@ -211,7 +290,9 @@ def test_warnings_alone_exit_0(dataset: tuple[Path, Path]) -> None:
     assert main(["--ann_file", str(ann), "--image_dir", str(images)]) == 0
 
 
-def test_header_mode_misses_truncated_image_that_full_mode_finds(dataset: tuple[Path, Path]) -> None:
+def test_header_mode_misses_truncated_image_that_full_mode_finds(
+    dataset: tuple[Path, Path],
+) -> None:
     ann, images = dataset
     noisy = Image.frombytes("RGB", (40, 30), bytes((i * 97) % 256 for i in range(40 * 30 * 3)))
     noisy.save(images / "a.jpg", quality=95)
@@ -231,8 +312,10 @@ def test_exif_rotated_image_is_measured_as_detectron2_reads_it(dataset: tuple[Pa
     exif[0x0112] = 6  # rotate 90°: detectron2 reads the 40x30 file as 30x40
     Image.new("RGB", (40, 30)).save(images / "a.jpg", exif=exif)
     report = check_coco_dataset(ann, images)
-    assert report.errors == [f"{images}/a.jpg: the file is 30x40 but {ann} says 40x30 (images[0], id 1) "
-                             "(width and height swapped: EXIF orientation?)"]
+    assert report.errors == [
+        f"{images}/a.jpg: the file is 30x40 but {ann} says 40x30 (images[0], id 1) "
+        "(width and height swapped: EXIF orientation?)"
+    ]
 
 
 def test_existence_only_mode_skips_size_check(dataset: tuple[Path, Path]) -> None:
@@ -241,16 +324,19 @@ def test_existence_only_mode_skips_size_check(dataset: tuple[Path, Path]) -> Non
     assert check_coco_dataset(ann, images, read_images=False).ok
     (images / "a.jpg").unlink()
     assert check_coco_dataset(ann, images, read_images=False).errors == [
-        f"{images}/a.jpg: image file missing (images[0], id 1)"]
+        f"{images}/a.jpg: image file missing (images[0], id 1)"
+    ]
 
 
 def test_converted_voc_dataset_passes(tmp_path: Path) -> None:
     """voc2coco's output is a dataset the checker accepts, with the counts the XML implies."""
     Image.new("RGB", (30, 20)).save(tmp_path / "x.jpg")
     xml = tmp_path / "x.xml"
-    xml.write_text("<annotation><filename>x.jpg</filename><size><width>30</width><height>20</height></size>"
-                   "<object><name>cat</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>30</xmax><ymax>20</ymax>"
-                   "</bndbox></object></annotation>")
+    xml.write_text(
+        "<annotation><filename>x.jpg</filename><size><width>30</width><height>20</height></size>"
+        "<object><name>cat</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>30</xmax><ymax>20</ymax>"
+        "</bndbox></object></annotation>"
+    )
     ann = tmp_path / "x.json"
     ann.write_text(json.dumps(convert([xml], ["cat", "dog"]).coco))
     report = check_coco_dataset(ann, tmp_path)
@@ -260,8 +346,12 @@ def test_converted_voc_dataset_passes(tmp_path: Path) -> None:
 
 def test_format_caps_long_lists(dataset: tuple[Path, Path]) -> None:
     ann, images = dataset
-    _write(ann, lambda d: d["annotations"].extend(
-        {"id": 10 + i, "image_id": 1, "category_id": 9, "bbox": [0, 0, 1, 1]} for i in range(25)))
+    _write(
+        ann,
+        lambda d: d["annotations"].extend(
+            {"id": 10 + i, "image_id": 1, "category_id": 9, "bbox": [0, 0, 1, 1]} for i in range(25)
+        ),
+    )
     report = check_coco_dataset(ann, images)
     assert len(report.errors) == 25
     text = report.format(max_lines=20).splitlines()
@@ -270,12 +360,24 @@ def test_format_caps_long_lists(dataset: tuple[Path, Path]) -> None:
 
 def test_garbage_records_are_reported_not_raised(dataset: tuple[Path, Path]) -> None:
     ann, images = dataset
-    ann.write_text(json.dumps({
-        "images": [{"id": [1], "file_name": "a.jpg"}, "b.jpg", {"id": 2, "file_name": None, "width": 20}],
-        "annotations": [{"id": 1, "image_id": [1], "category_id": 1, "bbox": [0, 0, 1, 1]},
-                        {"id": {"x": 1}}, None, {"id": 4, "image_id": 2, "category_id": 1}],
-        "categories": ["cat", {"id": "1", "name": "cat"}, {"id": 3, "name": ""}],
-    }))
+    ann.write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"id": [1], "file_name": "a.jpg"},
+                    "b.jpg",
+                    {"id": 2, "file_name": None, "width": 20},
+                ],
+                "annotations": [
+                    {"id": 1, "image_id": [1], "category_id": 1, "bbox": [0, 0, 1, 1]},
+                    {"id": {"x": 1}},
+                    None,
+                    {"id": 4, "image_id": 2, "category_id": 1},
+                ],
+                "categories": ["cat", {"id": "1", "name": "cat"}, {"id": 3, "name": ""}],
+            }
+        )
+    )
     report = check_coco_dataset(ann, images)
     assert [e.split(": ", 1)[1] for e in report.errors] == [
         "categories[0] is a string, expected an object",

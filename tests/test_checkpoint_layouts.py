@@ -1,4 +1,5 @@
 """FCOSCheckpointer / tools/convert.py: every supported layout lands on the right keys; bad files fail clearly."""
+
 from __future__ import annotations
 
 import io
@@ -16,22 +17,21 @@ from typing import Dict
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
+from convert import main as convert_main
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.modeling import build_model
-import torch.nn.functional as F
+from model_utils import REPO, small_cfg
+from official_fcos import official_r50_fpn_state_dict
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
 from fcos import add_fcos_config
 from fcos.checkpoint import CheckpointMismatchError, FCOSCheckpointer
 from fcos.checkpoint_layouts import Layout, UnknownLayoutError, read_checkpoint
-from convert import main as convert_main
 from fcos.safe_pickle import UnsafeCheckpointError
-
-from model_utils import REPO, small_cfg
-from official_fcos import official_r50_fpn_state_dict
 
 SEED_CONFIG = "configs/fcos_R_50_FPN.yaml"
 OFFICIAL_CONFIG = "configs/fcos_R_50_FPN_official.yaml"
@@ -139,7 +139,11 @@ def test_official_layout_converts_and_loads_strictly(official_file: Path) -> Non
     sources = set()
     for key, value in state.items():
         expected = value + 1e-5 if key.endswith("running_var") else value
-        matches = [k for k in by_shape[tuple(value.shape)] if torch.allclose(official[k], expected, rtol=1e-6, atol=0)]
+        matches = [
+            k
+            for k in by_shape[tuple(value.shape)]
+            if torch.allclose(official[k], expected, rtol=1e-6, atol=0)
+        ]
         assert len(matches) == 1, (key, matches)
         sources.add(matches[0])
     assert sources == set(official)
@@ -211,7 +215,10 @@ def test_official_checkpoint_into_seed_flavour_names_the_switch(official_file: P
         FCOSCheckpointer(model).load(str(official_file))
     message = str(info.value)
     assert message.startswith(str(official_file))
-    assert "backbone.top_block.p6.weight: checkpoint [256, 256, 3, 3] vs model [256, 2048, 3, 3]" in message
+    assert (
+        "backbone.top_block.p6.weight: checkpoint [256, 256, 3, 3] vs model [256, 2048, 3, 3]"
+        in message
+    )
     assert 'MODEL.FCOS.TOP_BLOCK_IN_FEATURE: "p5"' in message
     assert "1 tensor(s)" in message
     _assert_state_equal(model, before)  # nothing half-loaded
@@ -224,7 +231,10 @@ def test_seed_checkpoint_into_official_flavour_names_the_switch(tmp_path: Path) 
     with pytest.raises(CheckpointMismatchError) as info:
         FCOSCheckpointer(_build(_cfg(OFFICIAL_CONFIG))).load(str(path))
     message = str(info.value)
-    assert "backbone.top_block.p6.weight: checkpoint [256, 2048, 3, 3] vs model [256, 256, 3, 3]" in message
+    assert (
+        "backbone.top_block.p6.weight: checkpoint [256, 2048, 3, 3] vs model [256, 256, 3, 3]"
+        in message
+    )
     assert 'MODEL.FCOS.TOP_BLOCK_IN_FEATURE: "res5"' in message
 
 
@@ -255,11 +265,15 @@ def test_resume_from_own_checkpoint_restores_extras(tmp_path: Path) -> None:
     state = _randomized_state(model, seed=2)
     model.load_state_dict(state)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.125, momentum=0.9)
-    FCOSCheckpointer(model, str(tmp_path), save_to_disk=True, optimizer=optimizer).save("model_0000099", iteration=99)
+    FCOSCheckpointer(model, str(tmp_path), save_to_disk=True, optimizer=optimizer).save(
+        "model_0000099", iteration=99
+    )
 
     fresh = _build(small_cfg())
     fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=1.0)
-    extra = FCOSCheckpointer(fresh, str(tmp_path), optimizer=fresh_optimizer).resume_or_load("", resume=True)
+    extra = FCOSCheckpointer(fresh, str(tmp_path), optimizer=fresh_optimizer).resume_or_load(
+        "", resume=True
+    )
     assert extra == {"iteration": 99}
     assert fresh_optimizer.param_groups[0]["lr"] == 0.125
     _assert_state_equal(fresh, state)
@@ -268,14 +282,18 @@ def test_resume_from_own_checkpoint_restores_extras(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- class head and other shape mismatches
 
 
-def test_other_class_count_skips_class_head_with_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_other_class_count_skips_class_head_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     coco_model = _build(small_cfg(NUM_CLASSES=80))
     coco_state = _randomized_state(coco_model, seed=4)
     path = tmp_path / "coco.pth"
     torch.save({"model": coco_state}, path)
 
     target = _build(small_cfg(NUM_CLASSES=3))
-    initial_head = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("head.cls_score.")}
+    initial_head = {
+        k: v.clone() for k, v in target.state_dict().items() if k.startswith("head.cls_score.")
+    }
     with caplog.at_level(logging.INFO):
         FCOSCheckpointer(target).load(str(path))
 
@@ -285,7 +303,11 @@ def test_other_class_count_skips_class_head_with_one_warning(tmp_path: Path, cap
             assert torch.equal(state[key], initial_head[key]), key
         else:
             assert torch.equal(state[key], value), key
-    class_warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "class head" in r.getMessage()]
+    class_warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "class head" in r.getMessage()
+    ]
     assert class_warnings == [
         "class head head.cls_score not loaded: the checkpoint has 80 classes, MODEL.FCOS.NUM_CLASSES is 3; it "
         "keeps its initialisation (expected when fine-tuning on a dataset with other classes)"
@@ -306,7 +328,10 @@ def test_other_mismatch_is_an_error_naming_key_shapes_and_switch(tmp_path: Path)
     with pytest.raises(CheckpointMismatchError) as info:
         FCOSCheckpointer(target).load(str(path))
     message = str(info.value)
-    assert "backbone.fpn_lateral3.weight: checkpoint [64, 128, 1, 1] vs model [32, 128, 1, 1]" in message
+    assert (
+        "backbone.fpn_lateral3.weight: checkpoint [64, 128, 1, 1] vs model [32, 128, 1, 1]"
+        in message
+    )
     assert "check MODEL.FPN.OUT_CHANNELS" in message
     assert "more" in message  # long lists are cut, not dumped
     _assert_state_equal(target, before)
@@ -335,14 +360,18 @@ def test_deeper_resnet_mismatch_names_depth(tmp_path: Path) -> None:
     r50_cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 256
     path = tmp_path / "r50.pth"
     torch.save(_randomized_state(_build(r50_cfg), seed=6), path)
-    with pytest.raises(CheckpointMismatchError, match=r"backbone\.bottom_up\..*MODEL\.RESNETS\.DEPTH"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"backbone\.bottom_up\..*MODEL\.RESNETS\.DEPTH"
+    ):
         FCOSCheckpointer(_build(small_cfg())).load(str(path))
 
 
 # ---------------------------------------------------------------- ImageNet backbones
 
 
-def test_torchvision_resnet50_gives_the_same_features(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_torchvision_resnet50_gives_the_same_features(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     torch.manual_seed(0)
     reference = torchvision.models.resnet50().eval()
     g = torch.Generator().manual_seed(7)
@@ -362,15 +391,29 @@ def test_torchvision_resnet50_gives_the_same_features(tmp_path: Path, caplog: py
     assert "torchvision ResNet" in caplog.text
     summary = next(r.getMessage() for r in caplog.records if "load summary" in r.getMessage())
     rows = _table_rows(summary)
-    assert rows["backbone.bottom_up"] == [265, 0, 0, 0]  # 320 torchvision tensors - fc (2) - num_batches_tracked (53)
+    assert rows["backbone.bottom_up"] == [
+        265,
+        0,
+        0,
+        0,
+    ]  # 320 torchvision tensors - fc (2) - num_batches_tracked (53)
     assert rows["head.cls_score"] == [0, 0, 2, 0]
-    assert "(left at their initialisation): backbone.fpn_lateral* (6), backbone.fpn_output* (6)" in summary
+    assert (
+        "(left at their initialisation): backbone.fpn_lateral* (6), backbone.fpn_output* (6)"
+        in summary
+    )
 
     x = torch.randn(1, 3, 64, 64, generator=g)
     with torch.no_grad():
         ours = model.backbone.bottom_up(x)
-        theirs = reference.layer1(reference.maxpool(reference.relu(reference.bn1(reference.conv1(x)))))
-        for stage, layer in (("res3", reference.layer2), ("res4", reference.layer3), ("res5", reference.layer4)):
+        theirs = reference.layer1(
+            reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))
+        )
+        for stage, layer in (
+            ("res3", reference.layer2),
+            ("res4", reference.layer3),
+            ("res5", reference.layer4),
+        ):
             theirs = layer(theirs)
             assert torch.allclose(ours[stage], theirs, rtol=1e-4, atol=1e-4), stage
 
@@ -386,7 +429,9 @@ def _caffe2_name(d2_key: str) -> str:
     if key.startswith("stem.conv1.norm."):
         return "res_conv1_bn_" + _CAFFE2_BN[key.rsplit(".", 1)[1]]
     stage, block, conv, *rest = key.split(".")
-    branch = {"conv1": "branch2a", "conv2": "branch2b", "conv3": "branch2c", "shortcut": "branch1"}[conv]
+    branch = {"conv1": "branch2a", "conv2": "branch2b", "conv3": "branch2c", "shortcut": "branch1"}[
+        conv
+    ]
     if rest[0] == "norm":
         return f"{stage}_{block}_{branch}_bn_{_CAFFE2_BN[rest[1]]}"
     return f"{stage}_{block}_{branch}_w"
@@ -409,7 +454,11 @@ def test_caffe2_imagenet_pkl_through_detectron2_renaming(tmp_path: Path, contain
     blobs["pred_w"] = np.zeros((1000, 512), dtype=np.float32)
     blobs["pred_b"] = np.zeros(1000, dtype=np.float32)
     blobs["conv1_w_momentum"] = np.zeros_like(blobs["conv1_w"])
-    payload = blobs if container == "blobs_dict" else {"model": blobs, "__author__": "Caffe2", "matching_heuristics": True}
+    payload = (
+        blobs
+        if container == "blobs_dict"
+        else {"model": blobs, "__author__": "Caffe2", "matching_heuristics": True}
+    )
     path = tmp_path / "R-18.pkl"
     with open(path, "wb") as f:
         pickle.dump(payload, f, protocol=2)
@@ -457,14 +506,26 @@ def test_pickle_carrying_a_callable_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "executed"
     pkl = tmp_path / "evil.pkl"
     with open(pkl, "wb") as f:
-        pickle.dump({"conv1_w": np.zeros((64, 3, 7, 7), np.float32), "x": _RunsShellCommand(marker)}, f, protocol=2)
+        pickle.dump(
+            {"conv1_w": np.zeros((64, 3, 7, 7), np.float32), "x": _RunsShellCommand(marker)},
+            f,
+            protocol=2,
+        )
     pth = tmp_path / "evil.pth"
-    torch.save({"model": {"head.centerness.bias": torch.zeros(1)}, "x": _RunsShellCommand(marker)}, pth)
+    torch.save(
+        {"model": {"head.centerness.bias": torch.zeros(1)}, "x": _RunsShellCommand(marker)}, pth
+    )
 
     model = _build(small_cfg())
-    with pytest.raises(UnsafeCheckpointError, match=r"evil\.pkl: refused to unpickle posix\.system.*ALLOW_UNSAFE_PICKLE"):
+    with pytest.raises(
+        UnsafeCheckpointError,
+        match=r"evil\.pkl: refused to unpickle posix\.system.*ALLOW_UNSAFE_PICKLE",
+    ):
         FCOSCheckpointer(model).load(str(pkl))
-    with pytest.raises(UnsafeCheckpointError, match=r"evil\.pth: refused by torch\.load\(weights_only=True\).*posix\.system.*ALLOW_UNSAFE_PICKLE"):
+    with pytest.raises(
+        UnsafeCheckpointError,
+        match=r"evil\.pth: refused by torch\.load\(weights_only=True\).*posix\.system.*ALLOW_UNSAFE_PICKLE",
+    ):
         FCOSCheckpointer(model).load(str(pth))
     assert not marker.exists()
 
@@ -486,7 +547,9 @@ def test_unsafe_pickle_needs_explicit_opt_in(tmp_path: Path) -> None:
 def _as_numpy1_file(path: Path) -> None:
     """Rewrite a pickle (or torch zip) as numpy 1 writes it: ``numpy.core`` instead of ``numpy._core``."""
     if path.suffix == ".pkl":
-        path.write_bytes(path.read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+        path.write_bytes(
+            path.read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        )
         return
     original = path.read_bytes()
     with zipfile.ZipFile(io.BytesIO(original)) as zin, zipfile.ZipFile(path, "w") as zout:
@@ -499,7 +562,9 @@ def _as_numpy1_file(path: Path) -> None:
 
 @pytest.mark.parametrize("suffix", [".pth", ".pkl"])
 @pytest.mark.parametrize("numpy1", [False, True], ids=["numpy2-file", "numpy1-file"])
-def test_numpy_arrays_are_admitted_without_opt_in(tmp_path: Path, suffix: str, numpy1: bool) -> None:
+def test_numpy_arrays_are_admitted_without_opt_in(
+    tmp_path: Path, suffix: str, numpy1: bool
+) -> None:
     model = _build(small_cfg())
     state = _randomized_state(model, seed=12)
     payload = {"model": {k: v.numpy() for k, v in state.items()}, "iteration": np.int64(7)}
@@ -522,7 +587,10 @@ def test_config_key_defaults_to_safe() -> None:
     cfg = _cfg(SEED_CONFIG)
     assert cfg.CHECKPOINT.ALLOW_UNSAFE_PICKLE is False
     # The key's earlier home names the new one instead of a bare "non-existent config key".
-    with pytest.raises(KeyError, match="MODEL.FCOS.ALLOW_UNSAFE_PICKLE was renamed to CHECKPOINT.ALLOW_UNSAFE_PICKLE"):
+    with pytest.raises(
+        KeyError,
+        match="MODEL.FCOS.ALLOW_UNSAFE_PICKLE was renamed to CHECKPOINT.ALLOW_UNSAFE_PICKLE",
+    ):
         cfg.merge_from_list(["MODEL.FCOS.ALLOW_UNSAFE_PICKLE", "True"])
 
 
@@ -536,14 +604,18 @@ def test_missing_file_says_what_to_download(tmp_path: Path) -> None:
     message = str(info.value)
     assert str(missing) in message
     assert str(REPO / "pretrained_weights" / "README.md") in message
-    assert "configs/fcos_R_50_FPN.yaml" in message and "configs/fcos_R_50_FPN_official.yaml" in message
+    assert (
+        "configs/fcos_R_50_FPN.yaml" in message and "configs/fcos_R_50_FPN_official.yaml" in message
+    )
     assert "FCOS_imprv_R_50_FPN_1x_official.pth" in message
 
 
 def test_unknown_layout_names_file_and_keys(tmp_path: Path) -> None:
     path = tmp_path / "other.pth"
     torch.save({"encoder.weight": torch.zeros(2)}, path)
-    with pytest.raises(UnknownLayoutError, match=r"other\.pth: unrecognised checkpoint layout.*encoder\.weight"):
+    with pytest.raises(
+        UnknownLayoutError, match=r"other\.pth: unrecognised checkpoint layout.*encoder\.weight"
+    ):
         FCOSCheckpointer(_build(small_cfg())).load(str(path))
 
 
@@ -557,7 +629,9 @@ def test_non_tensor_weight_names_file_and_key(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- conversion CLI
 
 
-def test_convert_cli_writes_detectron2_layout(official_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_convert_cli_writes_detectron2_layout(
+    official_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "converted.pth"
     assert convert_main([str(official_file), str(out)]) == 0
     assert "official FCOS" in capsys.readouterr().out
@@ -576,14 +650,22 @@ def test_convert_cli_refuses_unsafe_pickle_and_reports(tmp_path: Path) -> None:
     marker = tmp_path / "executed"
     pkl = tmp_path / "evil.pkl"
     with open(pkl, "wb") as f:
-        pickle.dump({"conv1_w": np.zeros((64, 3, 7, 7), np.float32), "x": _RunsShellCommand(marker)}, f)
+        pickle.dump(
+            {"conv1_w": np.zeros((64, 3, 7, 7), np.float32), "x": _RunsShellCommand(marker)}, f
+        )
     out = tmp_path / "out.pth"
     proc = subprocess.run(
-        [sys.executable, "tools/convert.py", str(pkl), str(out)], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "tools/convert.py", str(pkl), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[-1].startswith("tools/convert.py: error: ")
-    assert "refused to unpickle posix.system" in proc.stderr and "--allow-unsafe-pickle" in proc.stderr
+    assert (
+        "refused to unpickle posix.system" in proc.stderr and "--allow-unsafe-pickle" in proc.stderr
+    )
     assert not out.exists() and not marker.exists()
 
 

@@ -6,6 +6,7 @@ re-computation of the official math and post-processing (tests/official_fcos.py)
 The comparison is on the model's own detections in network-input pixels (``forward_inference``),
 before detectron2's ``detector_postprocess`` rescales them to the requested output size.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -14,12 +15,12 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from model_utils import REPO
+from official_fcos import official_detections, official_r50_fpn_state_dict
 from torch import Tensor
 
 from fcos import add_fcos_config
 from fcos.checkpoint import FCOSCheckpointer
-from model_utils import REPO
-from official_fcos import official_detections, official_r50_fpn_state_dict
 
 HEIGHT, WIDTH = 90, 120  # not a multiple of 32: padding is exercised too
 PRE_NMS_TOP_N = 60

@@ -1,4 +1,5 @@
 """FCOSCheckpointer.save is atomic: a failure or kill -9 mid-save never corrupts what resume reads."""
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,9 @@ def test_save_writes_checkpoint_then_tag(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000009.pth"]
 
 
-def test_failure_mid_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failure_mid_write_keeps_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     checkpointer = FCOSCheckpointer(_model(1.0), str(tmp_path), save_to_disk=True)
     checkpointer.save("model_final")
     before = (tmp_path / "model_final.pth").read_bytes()
@@ -58,7 +61,9 @@ def test_failure_mid_write_keeps_previous_checkpoint(tmp_path: Path, monkeypatch
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_final.pth"]
 
 
-def test_tag_is_written_only_after_checkpoint_is_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tag_is_written_only_after_checkpoint_is_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     replaced = []
     real_replace = os.replace
 
@@ -71,7 +76,9 @@ def test_tag_is_written_only_after_checkpoint_is_in_place(tmp_path: Path, monkey
     assert replaced == ["model_0000004.pth", "last_checkpoint"]
 
 
-def test_failed_tag_write_keeps_previous_tag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_tag_write_keeps_previous_tag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     checkpointer = FCOSCheckpointer(_model(1.0), str(tmp_path), save_to_disk=True)
     checkpointer.save("model_0000004")
     real_replace = os.replace
@@ -91,8 +98,7 @@ def test_failed_tag_write_keeps_previous_tag(tmp_path: Path, monkeypatch: pytest
 def test_kill_9_during_save_leaves_resumable_last_checkpoint(tmp_path: Path) -> None:
     """A real SIGKILL while overwriting the checkpoint that ``last_checkpoint`` names (as a re-run that
     saves the same iteration does): resume still reads the complete previous version."""
-    script = textwrap.dedent(
-        f"""
+    script = textwrap.dedent(f"""
         import os, signal, torch
         from torch import nn
         import fcos.checkpoint as m
@@ -110,9 +116,10 @@ def test_kill_9_during_save_leaves_resumable_last_checkpoint(tmp_path: Path) -> 
         m.torch.save = save_then_die
         nn.init.constant_(model.weight, 9.0)
         checkpointer.save("model_0000004")
-        """
+        """)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, timeout=120
     )
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
 
     resumed = FCOSCheckpointer(_model(0.0), str(tmp_path))
@@ -120,7 +127,11 @@ def test_kill_9_during_save_leaves_resumable_last_checkpoint(tmp_path: Path) -> 
     assert resumed.get_checkpoint_file() == str(tmp_path / "model_0000004.pth")
     resumed.resume_or_load("", resume=True)
     assert torch.equal(resumed.model.weight, torch.full((2, 3), 7.0))
-    leftovers = [name for name in os.listdir(tmp_path) if name not in ("last_checkpoint", "model_0000004.pth")]
+    leftovers = [
+        name
+        for name in os.listdir(tmp_path)
+        if name not in ("last_checkpoint", "model_0000004.pth")
+    ]
     assert len(leftovers) == 1 and leftovers[0].startswith(".") and leftovers[0].endswith(".tmp")
 
 

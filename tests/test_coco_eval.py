@@ -6,6 +6,7 @@ COCOeval on data that reaches the corner cases: crowd regions, all three size ra
 detections per image and category (so the maxDets cut changes results), several categories and an
 image without objects.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,13 @@ from fcos.engine import coco_backend
 from fcos.engine.evaluation import build_coco_evaluator
 
 PARITY_CASE = SyntheticCase(
-    num_images=20, num_categories=3, mean_boxes=8, empty_image_fraction=0.05, crowd_fraction=0.1,
-    detections_per_image=360, seed=3,
+    num_images=20,
+    num_categories=3,
+    mean_boxes=8,
+    empty_image_fraction=0.05,
+    crowd_fraction=0.1,
+    detections_per_image=360,
+    seed=3,
 )
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 RESULTS_FILE = "coco_instances_results.json"  # where COCOEvaluator saves the predictions

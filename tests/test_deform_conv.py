@@ -1,4 +1,5 @@
 """The deformable tower conv (MODEL.FCOS.USE_DCN_IN_TOWER) on hand-checked tiny inputs."""
+
 from __future__ import annotations
 
 import math
@@ -6,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from detectron2.layers import ShapeSpec
 
 from fcos.deform_conv import ModulatedDeformConv2d
 from fcos.head import FCOSHead
-from detectron2.layers import ShapeSpec
 
 # Channels of the centre tap (index 4 of 3x3): dy at 2*4, dx at 2*4+1, mask logit at 18+4.
 CENTRE_DY, CENTRE_DX, CENTRE_MASK = 8, 9, 22
@@ -111,8 +112,14 @@ def test_channels_last_input_gives_the_same_result() -> None:
 def _head(use_dcn: bool) -> FCOSHead:
     torch.manual_seed(0)
     return FCOSHead(
-        [ShapeSpec(channels=32, stride=8)] * 2, num_classes=3, num_convs=2, prior_prob=0.01,
-        fpn_strides=[8, 16], norm="GN", centerness_on_reg=True, norm_reg_targets=True,
+        [ShapeSpec(channels=32, stride=8)] * 2,
+        num_classes=3,
+        num_convs=2,
+        prior_prob=0.01,
+        fpn_strides=[8, 16],
+        norm="GN",
+        centerness_on_reg=True,
+        norm_reg_targets=True,
         use_dcn_in_tower=use_dcn,
     )
 

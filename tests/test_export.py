@@ -4,11 +4,14 @@ The exported graph ends at the head; ``tools/export_postprocess.py`` (numpy) doe
 decoding. Both are checked here against the eager detectron2 path on generated shapes images: same
 classes, boxes within 1e-3 px, scores within 1e-4.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import export as fcos_export
+import export_postprocess as post
 import numpy as np
 import onnx
 import onnxruntime
@@ -16,12 +19,9 @@ import pytest
 import torch
 from detectron2.data.detection_utils import read_image
 from detectron2.data.transforms import ResizeShortestEdge
-
-import export as fcos_export
-import export_postprocess as post
 from export import FCOSExportModule, export_model, main
-from predictor import FCOSPredictor
 from inference_helpers import random_fcos, same_detections, save_weights, shapes_val, tiny_cfg
+from predictor import FCOSPredictor
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,16 @@ def test_exported_model_gives_the_eager_detections(setup, fmt):
         detections = post.decode(_run_exported(fmt, path, batch), meta, resized, image.shape[:2])
         # Fewer than TEST.DETECTIONS_PER_IMAGE: no near-tie decides who makes the cut.
         assert 0 < len(eager) < cfg.TEST.DETECTIONS_PER_IMAGE
-        assert same_detections(detections["boxes"], detections["scores"], detections["classes"],
-                               eager.pred_boxes.tensor, eager.scores, eager.pred_classes, box_atol=1e-3, score_atol=1e-4)
+        assert same_detections(
+            detections["boxes"],
+            detections["scores"],
+            detections["classes"],
+            eager.pred_boxes.tensor,
+            eager.scores,
+            eager.pred_classes,
+            box_atol=1e-3,
+            score_atol=1e-4,
+        )
         total += len(eager)
     assert total >= 10
 
@@ -74,7 +82,7 @@ def test_groupnorm_backbone_exports_to_onnx(tmp_path):
     export_model(cfg, model, "onnx", tmp_path / "gn.onnx")
     graph_ops = {node.op_type for node in onnx.load(str(tmp_path / "gn.onnx")).graph.node}
     assert "InstanceNormalization" in graph_ops or "GroupNormalization" in graph_ops
-    image = (torch.rand(1, 3, 96, 64, generator=torch.Generator().manual_seed(1)) * 255)
+    image = torch.rand(1, 3, 96, 64, generator=torch.Generator().manual_seed(1)) * 255
     with torch.no_grad():
         expected = FCOSExportModule(model)(image)
     actual = _run_exported("onnx", tmp_path / "gn.onnx", image.numpy())
@@ -86,34 +94,76 @@ def test_groupnorm_backbone_exports_to_onnx(tmp_path):
 def test_cli_writes_model_and_metadata(setup, tmp_path):
     _, cfg, _, _ = setup
     out = tmp_path / "cli" / "fcos.onnx"
-    code = main(["--config-file", "configs/fcos_shapes.yaml", "--format", "onnx", "--output", str(out),
-                 "--opts", *tiny_opts_with_weights(cfg)])
+    code = main(
+        [
+            "--config-file",
+            "configs/fcos_shapes.yaml",
+            "--format",
+            "onnx",
+            "--output",
+            str(out),
+            "--opts",
+            *tiny_opts_with_weights(cfg),
+        ]
+    )
     assert code == 0
     meta = json.loads((tmp_path / "cli" / "fcos.onnx.json").read_text())
     assert meta["class_names"] == ["circle", "square", "triangle", "cross"]
     levels = list(cfg.MODEL.FCOS.IN_FEATURES)
     assert meta["strides"] == list(cfg.MODEL.FCOS.FPN_STRIDES) and meta["levels"] == levels
-    assert meta["output_names"] == [f"{kind}_{level}" for level in levels for kind in ("logits", "box_reg", "centerness")]
-    assert [o.name for o in onnxruntime.InferenceSession(str(out)).get_outputs()] == meta["output_names"]
+    assert meta["output_names"] == [
+        f"{kind}_{level}" for level in levels for kind in ("logits", "box_reg", "centerness")
+    ]
+    assert [o.name for o in onnxruntime.InferenceSession(str(out)).get_outputs()] == meta[
+        "output_names"
+    ]
     assert sorted(p.name for p in out.parent.iterdir()) == ["fcos.onnx", "fcos.onnx.json"]
 
 
 def tiny_opts_with_weights(cfg) -> list:
-    return ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160", "MODEL.WEIGHTS", cfg.MODEL.WEIGHTS]
+    return [
+        "INPUT.MIN_SIZE_TEST",
+        "128",
+        "INPUT.MAX_SIZE_TEST",
+        "160",
+        "MODEL.WEIGHTS",
+        cfg.MODEL.WEIGHTS,
+    ]
 
 
 def test_cli_missing_weights_points_to_the_weights_readme(tmp_path, capsys):
-    assert main(["--config-file", "configs/fcos_shapes.yaml", "--format", "torchscript",
-                 "--output", str(tmp_path / "m.ts"),
-                 "--opts", "MODEL.WEIGHTS", str(tmp_path / "absent.pth")]) == 2
+    assert (
+        main(
+            [
+                "--config-file",
+                "configs/fcos_shapes.yaml",
+                "--format",
+                "torchscript",
+                "--output",
+                str(tmp_path / "m.ts"),
+                "--opts",
+                "MODEL.WEIGHTS",
+                str(tmp_path / "absent.pth"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "absent.pth" in err and "does not exist" in err and "pretrained_weights/README.md" in err
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
-    "size", [(480, 640, 800, 1333), (640, 480, 800, 1333), (100, 1000, 800, 1333), (333, 500, 256, 256),
-             (97, 131, 128, 160), (1, 3, 2, 5), (255, 257, 200, 4000)]
+    "size",
+    [
+        (480, 640, 800, 1333),
+        (640, 480, 800, 1333),
+        (100, 1000, 800, 1333),
+        (333, 500, 256, 256),
+        (97, 131, 128, 160),
+        (1, 3, 2, 5),
+        (255, 257, 200, 4000),
+    ],
 )
 def test_resized_shape_matches_detectron2(size):
     height, width, short, longest = size
@@ -129,16 +179,25 @@ def test_resized_shape_hand_computed():
 
 
 def test_preprocess_pads_with_the_pixel_mean():
-    meta = {"min_size_test": 2, "max_size_test": 10, "size_divisibility": 4, "pixel_mean": [1.0, 2.0, 3.0]}
+    meta = {
+        "min_size_test": 2,
+        "max_size_test": 10,
+        "size_divisibility": 4,
+        "pixel_mean": [1.0, 2.0, 3.0],
+    }
     image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     batch, resized = post.preprocess(image, meta)
     assert resized == (2, 3) and batch.shape == (1, 3, 4, 4)
     assert batch[0, :, :2, :3].tolist() == image.transpose(2, 0, 1).astype(np.float32).tolist()
-    assert batch[0, 0, 2:, :].tolist() == [[1.0] * 4] * 2 and batch[0, 2, :, 3].tolist() == [3.0] * 4
+    assert (
+        batch[0, 0, 2:, :].tolist() == [[1.0] * 4] * 2 and batch[0, 2, :, 3].tolist() == [3.0] * 4
+    )
 
 
 def test_nms_hand_computed():
-    boxes = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [5, 0, 15, 10], [0, 0, 10, 10]], dtype=np.float32)
+    boxes = np.array(
+        [[0, 0, 10, 10], [1, 0, 11, 10], [5, 0, 15, 10], [0, 0, 10, 10]], dtype=np.float32
+    )
     scores = np.array([0.9, 0.8, 0.7, 0.6], dtype=np.float32)
     # IoU(0, 1) = 90 / 110 > 0.6: 1 goes; IoU(0, 2) = 50 / 150: 2 stays; box 3 is another class.
     assert post.batched_nms(boxes, scores, np.array([0, 0, 0, 1]), 0.6).tolist() == [0, 2, 3]
@@ -179,7 +238,9 @@ def test_failed_check_leaves_no_files(setup, tmp_path, monkeypatch):
     """The export is checked under its temporary name: a mismatch writes neither model nor metadata."""
     _, cfg, predictor, _ = setup
     real_run = fcos_export.run_exported
-    monkeypatch.setattr(fcos_export, "run_exported", lambda *args: [o + 0.01 for o in real_run(*args)])
+    monkeypatch.setattr(
+        fcos_export, "run_exported", lambda *args: [o + 0.01 for o in real_run(*args)]
+    )
     with pytest.raises(RuntimeError, match="differs from the eager model by up to 0.01"):
         export_model(cfg, predictor.model, "torchscript", tmp_path / "m.ts")
     assert list(tmp_path.iterdir()) == []
@@ -222,9 +283,21 @@ def test_deformable_tower_onnx_below_opset_19_names_the_switch(tmp_path, capsys)
         export_model(cfg, model, "onnx", tmp_path / "dcn.onnx")
     weights = save_weights(model, tmp_path / "weights" / "dcn.pth")
     out = tmp_path / "out"
-    status = main(["--config-file", "configs/fcos_shapes.yaml", "--format", "onnx",
-                   "--output", str(out / "m.onnx"),
-                   "--opts", "MODEL.FCOS.USE_DCN_IN_TOWER", "True", "MODEL.WEIGHTS", str(weights)])
+    status = main(
+        [
+            "--config-file",
+            "configs/fcos_shapes.yaml",
+            "--format",
+            "onnx",
+            "--output",
+            str(out / "m.onnx"),
+            "--opts",
+            "MODEL.FCOS.USE_DCN_IN_TOWER",
+            "True",
+            "MODEL.WEIGHTS",
+            str(weights),
+        ]
+    )
     assert status == 2
     err = capsys.readouterr().err
     # The export's INFO log may precede it (and, in a long pytest run, "--- Logging error ---" noise
@@ -232,6 +305,8 @@ def test_deformable_tower_onnx_below_opset_19_names_the_switch(tmp_path, capsys)
     # without a traceback of the exception.
     assert "ExportSettingsError" not in err
     errors = [line for line in err.splitlines() if line.startswith("tools/export.py: error:")]
-    assert len(errors) == 1 and errors[0].startswith("tools/export.py: error: MODEL.FCOS.USE_DCN_IN_TOWER")
+    assert len(errors) == 1 and errors[0].startswith(
+        "tools/export.py: error: MODEL.FCOS.USE_DCN_IN_TOWER"
+    )
     assert "--opset 19" in errors[0]
     assert not out.exists()

@@ -1,6 +1,7 @@
 """Folding frozen BatchNorms into convolutions (CPU channels-last inference) keeps the numbers; the
 switch MODEL.FCOS.FAST_CPU_INFERENCE False gives detectron2's exact arithmetic (full size: the slow
 tests/test_fast_inference_full_size.py)."""
+
 from __future__ import annotations
 
 import torch
@@ -8,10 +9,10 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.modeling.postprocessing import detector_postprocess
-
-from fcos.fast_inference import FoldedFrozenBNConv2d
 from inference_helpers import random_fcos, tiny_cfg
 from model_utils import small_cfg
+
+from fcos.fast_inference import FoldedFrozenBNConv2d
 
 
 def test_folded_backbone_matches_detectron2_arithmetic():
@@ -32,7 +33,9 @@ def test_folded_backbone_matches_detectron2_arithmetic():
         reference = model.backbone(x)
         fast = model.backbone(x.contiguous(memory_format=torch.channels_last))
     for name in reference:
-        assert torch.allclose(fast[name], reference[name], rtol=1e-4, atol=1e-4 * reference[name].abs().max()), name
+        assert torch.allclose(
+            fast[name], reference[name], rtol=1e-4, atol=1e-4 * reference[name].abs().max()
+        ), name
 
 
 def test_single_folded_conv_uses_eps_and_bias():

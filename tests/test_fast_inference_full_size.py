@@ -7,6 +7,7 @@ class bias is set so that 1 % of (point, class) pairs pass the 0.05 score thresh
 bias so that boxes span about three strides. The detections with the fast path on and off are
 matched one to one and their largest differences checked against the bound docs/MODEL.md states.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,10 +18,10 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
+from model_utils import REPO
 from torch import nn
 
 from fcos import add_fcos_config
-from model_utils import REPO
 
 HEIGHT, WIDTH = 800, 1333
 # The bound claimed in docs/MODEL.md, README and fcos/fast_inference.py: about twice the worst

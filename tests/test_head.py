@@ -1,4 +1,5 @@
 """The FCOS head: output shapes, initialisation and the parameter names of the checkpoint contract."""
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,15 @@ STRIDES = [8, 16, 32, 64, 128]
 
 
 def head(**kwargs) -> FCOSHead:
-    args = dict(num_classes=5, num_convs=4, prior_prob=0.01, fpn_strides=STRIDES, norm="GN",
-                centerness_on_reg=False, norm_reg_targets=False)
+    args = dict(
+        num_classes=5,
+        num_convs=4,
+        prior_prob=0.01,
+        fpn_strides=STRIDES,
+        norm="GN",
+        centerness_on_reg=False,
+        norm_reg_targets=False,
+    )
     args.update(kwargs)
     return FCOSHead([ShapeSpec(channels=64, stride=s) for s in STRIDES], **args)
 
@@ -93,7 +101,9 @@ def test_centerness_branch_follows_config(on_reg):
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
-@pytest.mark.parametrize("norm,kind", [("BN", nn.BatchNorm2d), ("SyncBN", NaiveSyncBatchNorm), ("", nn.Identity)])
+@pytest.mark.parametrize(
+    "norm,kind", [("BN", nn.BatchNorm2d), ("SyncBN", NaiveSyncBatchNorm), ("", nn.Identity)]
+)
 def test_other_norms(norm, kind):
     h = head(norm=norm)
     assert isinstance(h.cls_subnet[1], kind) and isinstance(h.bbox_subnet[10], kind)

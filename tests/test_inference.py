@@ -1,4 +1,5 @@
 """Decoding on hand-made head outputs for both flavours (docs/MODEL.md, "Decoding")."""
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,11 @@ CTR = [0.1, 0.2, 1.0 - 1e-6, 0.9]
 
 def candidates(topk_first: bool, topk: int):
     point_idx, class_idx, scores = select_candidates(
-        logits_of(PROBS), torch.tensor([logit(c) for c in CTR]), score_thresh=0.05, topk=topk, topk_first=topk_first
+        logits_of(PROBS),
+        torch.tensor([logit(c) for c in CTR]),
+        score_thresh=0.05,
+        topk=topk,
+        topk_first=topk_first,
     )
     return sorted(zip(point_idx.tolist(), class_idx.tolist(), scores.tolist()))
 
@@ -40,7 +45,9 @@ def candidates(topk_first: bool, topk: int):
 def test_seed_order_ranks_by_class_probability():
     got = candidates(topk_first=True, topk=2)
     assert [(p, c) for p, c, _ in got] == [(0, 0), (1, 1)]
-    assert [s for _, _, s in got] == pytest.approx([math.sqrt(0.9 * 0.1), math.sqrt(0.6 * 0.2)], rel=1e-5)
+    assert [s for _, _, s in got] == pytest.approx(
+        [math.sqrt(0.9 * 0.1), math.sqrt(0.6 * 0.2)], rel=1e-5
+    )
 
 
 def test_official_order_ranks_by_probability_times_centerness():
@@ -60,9 +67,13 @@ def test_threshold_is_strict_and_applies_to_class_probability():
 
 
 def test_decode_boxes_and_weights():
-    boxes = decode_boxes(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[10.0, 20.0]]), (1, 1, 1, 1))
+    boxes = decode_boxes(
+        torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[10.0, 20.0]]), (1, 1, 1, 1)
+    )
     assert boxes.tolist() == [[9, 18, 13, 24]]
-    boxes = decode_boxes(torch.tensor([[2.0, 2.0, 2.0, 2.0]]), torch.tensor([[0.0, 0.0]]), (2, 1, 2, 1))
+    boxes = decode_boxes(
+        torch.tensor([[2.0, 2.0, 2.0, 2.0]]), torch.tensor([[0.0, 0.0]]), (2, 1, 2, 1)
+    )
     assert boxes.tolist() == [[-1, -2, 1, 2]]
 
 
@@ -76,17 +87,27 @@ def _image(**kwargs):
     args = dict(score_thresh=0.05, topk=1000, topk_first=False, box_weights=(1.0, 1.0, 1.0, 1.0))
     args.update({k: v for k, v in kwargs.items() if k in args})
     candidates = image_candidates(logits, deltas, ctr, points, **args)
-    return select_detections(*candidates, (300, 300), nms_thresh=0.6, max_detections=kwargs.get("max_detections", 100))
+    return select_detections(
+        *candidates, (300, 300), nms_thresh=0.6, max_detections=kwargs.get("max_detections", 100)
+    )
 
 
 def test_nms_is_class_aware_and_keeps_top_detections():
     result = _image()
     # (1, class 0) overlaps (0, class 0) with IoU 400/420 and is suppressed; (1, class 1) survives.
     assert result.pred_classes.tolist() == [0, 1, 0]
-    assert result.scores.tolist() == pytest.approx([math.sqrt(0.8), math.sqrt(0.6), math.sqrt(0.5)], rel=1e-4)
-    assert result.pred_boxes.tensor.tolist() == [[40, 40, 60, 60], [40, 40, 61, 60], [195, 195, 205, 205]]
+    assert result.scores.tolist() == pytest.approx(
+        [math.sqrt(0.8), math.sqrt(0.6), math.sqrt(0.5)], rel=1e-4
+    )
+    assert result.pred_boxes.tensor.tolist() == [
+        [40, 40, 60, 60],
+        [40, 40, 61, 60],
+        [195, 195, 205, 205],
+    ]
     assert len(_image(max_detections=2)) == 2
-    assert _image(max_detections=2).scores.tolist() == pytest.approx([math.sqrt(0.8), math.sqrt(0.6)], rel=1e-4)
+    assert _image(max_detections=2).scores.tolist() == pytest.approx(
+        [math.sqrt(0.8), math.sqrt(0.6)], rel=1e-4
+    )
 
 
 def test_nothing_above_threshold_gives_empty_instances():
@@ -156,8 +177,12 @@ def test_legacy_nms_counts_pixels_inclusively():
     boxes, scores = [[0.0, 0, 9, 9], [0.0, 0, 9, 7]], [0.9, 0.8]
     assert _legacy_nms(boxes, scores, [0, 0], 0.79) == [0]
     seed = select_detections(
-        torch.tensor(boxes), torch.tensor(scores), torch.tensor([0, 0]), (20, 20),
-        nms_thresh=0.79, max_detections=100,
+        torch.tensor(boxes),
+        torch.tensor(scores),
+        torch.tensor([0, 0]),
+        (20, 20),
+        nms_thresh=0.79,
+        max_detections=100,
     )
     assert seed.scores.tolist() == pytest.approx(scores)
     assert _legacy_nms(boxes, scores, [0, 1], 0.79) == [0, 1]  # class-aware

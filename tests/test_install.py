@@ -35,7 +35,9 @@ def load_installer() -> types.ModuleType:
     """
     name = "fcos_install_detectron2"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "tools" / "install_detectron2.py")
+        spec = importlib.util.spec_from_file_location(
+            name, REPO / "tools" / "install_detectron2.py"
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
         spec.loader.exec_module(module)
@@ -113,14 +115,14 @@ def test_c_module_answers_version_queries_and_explains_missing_ops() -> None:
 # The parts of a detectron2 checkout that the --source patches touch, as main has them.
 FAKE_SETUP = (
     "import torch\n"
-    "PROJECTS = {\"detectron2.projects.point_rend\": \"projects/PointRend/point_rend\"}\n"
+    'PROJECTS = {"detectron2.projects.point_rend": "projects/PointRend/point_rend"}\n'
     "\n"
     "setup(\n"
-    "    name=\"detectron2\",\n"
-    "    packages=find_packages(exclude=(\"configs\", \"tests*\")) + list(PROJECTS.keys()),\n"
+    '    name="detectron2",\n'
+    '    packages=find_packages(exclude=("configs", "tests*")) + list(PROJECTS.keys()),\n'
     "    package_dir=PROJECTS,\n"
     "    ext_modules=get_extensions(),\n"
-    "    cmdclass={\"build_ext\": torch.utils.cpp_extension.BuildExtension},\n"
+    '    cmdclass={"build_ext": torch.utils.cpp_extension.BuildExtension},\n'
     ")\n"
 )
 FAKE_MODEL_ZOO = (
@@ -128,13 +130,13 @@ FAKE_MODEL_ZOO = (
     "import pkg_resources\n"
     "def get_config_file(config_path):\n"
     "    cfg_file = pkg_resources.resource_filename(\n"
-    "        \"detectron2.model_zoo\", os.path.join(\"configs\", config_path)\n"
+    '        "detectron2.model_zoo", os.path.join("configs", config_path)\n'
     "    )\n"
     "    return cfg_file\n"
 )
 # Copied: what setup.py builds from. Left behind: VCS data, datasets, build output, binaries.
 FAKE_SOURCE_FILES = {
-    "detectron2/__init__.py": "__version__ = \"0.6\"\n",
+    "detectron2/__init__.py": '__version__ = "0.6"\n',
     "detectron2/model_zoo/model_zoo.py": FAKE_MODEL_ZOO,
     "configs/Base-RCNN-FPN.yaml": "MODEL:\n  META_ARCHITECTURE: GeneralizedRCNN\n",
     "projects/PointRend/point_rend/__init__.py": "",

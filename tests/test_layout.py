@@ -7,6 +7,7 @@
 * ``fcos.data`` (dataset tools) may use the model part's utilities, never ``fcos.engine``.
 * Nothing in ``fcos`` imports an application (train_net.py, demo/, tools/, dataset/*.py, bench/).
 """
+
 from __future__ import annotations
 
 import ast
@@ -20,8 +21,19 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "fcos"
 
 MODEL_THIRD_PARTY = {"torch", "torchvision", "detectron2", "fvcore", "iopath", "numpy", "tabulate"}
-APPLICATIONS = {"train_net", "demo", "predictor", "tools", "export", "export_postprocess", "convert",
-                "dataset", "bench", "tests", "training"}
+APPLICATIONS = {
+    "train_net",
+    "demo",
+    "predictor",
+    "tools",
+    "export",
+    "export_postprocess",
+    "convert",
+    "dataset",
+    "bench",
+    "tests",
+    "training",
+}
 
 
 def imported_modules(path: Path, package: str = "") -> Set[str]:
@@ -55,7 +67,9 @@ def _violations(
             if top == "fcos":
                 if any(name == p or name.startswith(p + ".") for p in forbidden_prefixes):
                     bad.append(name)
-            elif top in APPLICATIONS or (top not in allowed_top and top not in sys.stdlib_module_names):
+            elif top in APPLICATIONS or (
+                top not in allowed_top and top not in sys.stdlib_module_names
+            ):
                 bad.append(name)
         if bad:
             found[path.name] = bad
@@ -71,7 +85,12 @@ def test_imported_modules_resolves_relative_and_from_imports() -> None:
 
 def test_model_part_imports_only_the_model_stack() -> None:
     model_files = sorted(PACKAGE.glob("*.py"))
-    assert {p.name for p in model_files} >= {"meta_arch.py", "head.py", "checkpoint.py", "config.py"}
+    assert {p.name for p in model_files} >= {
+        "meta_arch.py",
+        "head.py",
+        "checkpoint.py",
+        "config.py",
+    }
     allowed = MODEL_THIRD_PARTY
     assert _violations(model_files, allowed, ["fcos.engine", "fcos.data"]) == {}
 
@@ -85,17 +104,26 @@ def test_data_tools_do_not_import_the_engine() -> None:
 def test_engine_imports_no_application() -> None:
     files = sorted((PACKAGE / "engine").glob("*.py"))
     # yaml (detectron2's config format, an fvcore dependency): config errors name a key's YAML file.
-    allowed = MODEL_THIRD_PARTY | {"PIL", "tqdm", "pycocotools", "matplotlib", "faster_coco_eval",
-                                   "yaml"}
+    allowed = MODEL_THIRD_PARTY | {
+        "PIL",
+        "tqdm",
+        "pycocotools",
+        "matplotlib",
+        "faster_coco_eval",
+        "yaml",
+    }
     assert _violations(files, allowed, []) == {}
 
 
-@pytest.mark.parametrize("line, bad", [
-    ("from fcos.engine.config import SetupError", "fcos.engine.config"),
-    ("from .data import shapes", "fcos.data"),
-    ("import train_net", "train_net"),
-    ("from PIL import Image", "PIL"),
-])
+@pytest.mark.parametrize(
+    "line, bad",
+    [
+        ("from fcos.engine.config import SetupError", "fcos.engine.config"),
+        ("from .data import shapes", "fcos.data"),
+        ("import train_net", "train_net"),
+        ("from PIL import Image", "PIL"),
+    ],
+)
 def test_the_rule_catches_a_violation(tmp_path: Path, line: str, bad: str) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text(f"import os\nimport torch\n{line}\n", encoding="utf-8")

@@ -1,14 +1,15 @@
 """FCOS losses on tiny hand-computed tensors (docs/MODEL.md, "Losses")."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
 from detectron2.modeling import build_model
-from fcos.losses import fcos_losses, iou_loss
 from model_utils import batch, instances, small_cfg
+
+from fcos.losses import fcos_losses, iou_loss
 
 LOG2 = math.log(2.0)
 EPS = torch.finfo(torch.float32).eps
@@ -47,7 +48,9 @@ def test_unknown_iou_loss_type_names_the_key():
 
 
 def _losses(**overrides):
-    args = dict(num_classes=2, focal_alpha=0.25, focal_gamma=2.0, iou_loss_type="linear_iou", norm_sync=True)
+    args = dict(
+        num_classes=2, focal_alpha=0.25, focal_gamma=2.0, iou_loss_type="linear_iou", norm_sync=True
+    )
     args.update(overrides)
     return fcos_losses(**args)
 
@@ -58,8 +61,12 @@ def test_three_losses_hand_computed():
     pred_deltas = ltrb([1, 1, 1, 1], [2, 2, 2, 2], [1, 1, 1, 1])
     gt_deltas = ltrb([2, 2, 2, 2], [2, 2, 2, 2], [0, 0, 0, 0])
     losses = _losses(
-        pred_logits=logits, pred_deltas=pred_deltas, pred_centerness=torch.zeros(3),
-        gt_classes=torch.tensor([0, 1, 2]), gt_deltas=gt_deltas, gt_centerness=torch.tensor([0.5, 1.0, 0.0]),
+        pred_logits=logits,
+        pred_deltas=pred_deltas,
+        pred_centerness=torch.zeros(3),
+        gt_classes=torch.tensor([0, 1, 2]),
+        gt_deltas=gt_deltas,
+        gt_centerness=torch.tensor([0.5, 1.0, 0.0]),
     )
     # Focal at p=0.5, gamma 2: positive alpha*0.25*log2, negative (1-alpha)*0.25*log2.
     positive, negative = 0.25 * 0.25 * LOG2, 0.75 * 0.25 * LOG2
@@ -73,8 +80,12 @@ def test_three_losses_hand_computed():
 
 def test_normalizers_are_clamped_at_one():
     losses = _losses(
-        pred_logits=torch.zeros(1, 2), pred_deltas=ltrb([1, 1, 1, 1]), pred_centerness=torch.zeros(1),
-        gt_classes=torch.tensor([1]), gt_deltas=ltrb([2, 2, 2, 2]), gt_centerness=torch.tensor([0.25]),
+        pred_logits=torch.zeros(1, 2),
+        pred_deltas=ltrb([1, 1, 1, 1]),
+        pred_centerness=torch.zeros(1),
+        gt_classes=torch.tensor([1]),
+        gt_deltas=ltrb([2, 2, 2, 2]),
+        gt_centerness=torch.tensor([0.25]),
     )
     # S_ctr = 0.25 is clamped to 1.
     assert losses["loss_box_reg"].item() == pytest.approx(0.75 * 0.25, rel=1e-5)
@@ -147,10 +158,14 @@ def test_iou_quality_target_uses_the_decoded_boxes():
     # whose IoU would be 6 / 14; the target must be 0.5 (logit 2: logit 0 gives log 2 for any t).
     weights = (2.0, 1.0, 1.0, 1.0)
     losses = _losses(
-        pred_logits=torch.zeros(1, 2), pred_deltas=ltrb([6, 1, 1, 1]),
-        pred_centerness=torch.tensor([2.0]), gt_classes=torch.tensor([0]),
-        gt_deltas=ltrb([2, 1, 1, 1]), gt_centerness=torch.tensor([0.5]),
-        box_quality="iou", box_reg_weights=weights,
+        pred_logits=torch.zeros(1, 2),
+        pred_deltas=ltrb([6, 1, 1, 1]),
+        pred_centerness=torch.tensor([2.0]),
+        gt_classes=torch.tensor([0]),
+        gt_deltas=ltrb([2, 1, 1, 1]),
+        gt_centerness=torch.tensor([0.5]),
+        box_quality="iou",
+        box_reg_weights=weights,
     )
     assert losses["loss_quality"].item() == pytest.approx(_softplus(2.0) - 0.5 * 2.0, rel=1e-6)
 

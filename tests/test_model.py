@@ -1,4 +1,5 @@
 """The FCOS meta-architecture end to end on CPU: configs, train/eval forward, one SGD step, bad configs."""
+
 from __future__ import annotations
 
 import copy
@@ -8,10 +9,10 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from model_utils import REPO, batch, small_cfg
 
 import fcos  # noqa: F401  (registers FCOS)
 from fcos import FCOSConfigError, add_fcos_config
-from model_utils import REPO, batch, small_cfg
 
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("Base-"))
 
@@ -50,8 +51,14 @@ def test_every_config_trains_and_infers_on_small_images(path):
 
 def test_one_sgd_step_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
-    model = build_model(small_cfg(CENTERNESS_ON_REG=True, NORM_REG_TARGETS=True, IOU_LOSS_TYPE="giou",
-                                  CENTER_SAMPLING_RADIUS=1.5))
+    model = build_model(
+        small_cfg(
+            CENTERNESS_ON_REG=True,
+            NORM_REG_TARGETS=True,
+            IOU_LOSS_TYPE="giou",
+            CENTER_SAMPLING_RADIUS=1.5,
+        )
+    )
     model.train()
     inputs = batch(96, 128)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.0)
@@ -84,13 +91,18 @@ def test_official_flavour_differs_from_seed_only_in_switches():
 
 @pytest.mark.parametrize(
     "features,has_p6,has_p7",
-    [(["p3", "p4", "p5"], False, False), (["p3", "p4", "p5", "p6"], True, False),
-     (["p3", "p4", "p5", "p6", "p7"], True, True)],
+    [
+        (["p3", "p4", "p5"], False, False),
+        (["p3", "p4", "p5", "p6"], True, False),
+        (["p3", "p4", "p5", "p6", "p7"], True, True),
+    ],
 )
 def test_backbone_builds_only_the_levels_in_use(features, has_p6, has_p7):
     strides = [8, 16, 32, 64, 128][: len(features)]
     sizes = [[-1, 64], [64, 128], [128, 256], [256, 512], [512, float("inf")]][: len(features)]
-    model = build_model(small_cfg(IN_FEATURES=features, FPN_STRIDES=strides, OBJECT_SIZES_OF_INTEREST=sizes))
+    model = build_model(
+        small_cfg(IN_FEATURES=features, FPN_STRIDES=strides, OBJECT_SIZES_OF_INTEREST=sizes)
+    )
     keys = model.state_dict().keys()
     assert any(k.startswith("backbone.top_block.p6.") for k in keys) == has_p6
     assert any(k.startswith("backbone.top_block.p7.") for k in keys) == has_p7
@@ -112,9 +124,14 @@ BAD = [
     ({"FPN_STRIDES": [8, 16, 32, 64, 64]}, "MODEL.FCOS.FPN_STRIDES"),
     ({"IN_FEATURES": ["p2", "p3"]}, "MODEL.FCOS.IN_FEATURES"),
     ({"IN_FEATURES": []}, "MODEL.FCOS.IN_FEATURES"),
-    ({"OBJECT_SIZES_OF_INTEREST": [[-1, 64], [64, float("inf")]]}, "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST"),
-    ({"OBJECT_SIZES_OF_INTEREST": [[-1, 64], [64, 64], [64, 128], [128, 256], [256, 512]]},
-     "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST"),
+    (
+        {"OBJECT_SIZES_OF_INTEREST": [[-1, 64], [64, float("inf")]]},
+        "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST",
+    ),
+    (
+        {"OBJECT_SIZES_OF_INTEREST": [[-1, 64], [64, 64], [64, 128], [128, 256], [256, 512]]},
+        "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST",
+    ),
     ({"HEAD_NORM": "LayerNorm"}, "MODEL.FCOS.HEAD_NORM"),
     ({"IOU_LOSS_TYPE": "diou"}, "MODEL.FCOS.IOU_LOSS_TYPE"),
     ({"TOP_BLOCK_IN_FEATURE": "res4"}, "MODEL.FCOS.TOP_BLOCK_IN_FEATURE"),

@@ -3,6 +3,7 @@ USE_DCN_IN_TOWER and a P2 level. Each trains (every parameter gets a gradient, a
 takes an SGD step that lowers the loss, and evaluates; the P2 backbone and its validation are
 checked; a slow test runs train_net.py with all three on the tiny embedded dataset up to the AP
 table."""
+
 from __future__ import annotations
 
 import copy
@@ -13,16 +14,22 @@ from typing import Dict
 import pytest
 import torch
 from detectron2.modeling import build_model
-
-from fcos import FCOSConfigError
-from fcos.deform_conv import ModulatedDeformConv2d
 from model_utils import batch, small_cfg
 from train_helpers import ap_rows, run_train_net, shapes_run
 
-P3_P5 = dict(IN_FEATURES=["p3", "p4", "p5"], FPN_STRIDES=[8, 16, 32],
-             OBJECT_SIZES_OF_INTEREST=[[-1, 64], [64, 128], [128, float("inf")]])
-P2_P4 = dict(IN_FEATURES=["p2", "p3", "p4"], FPN_STRIDES=[4, 8, 16],
-             OBJECT_SIZES_OF_INTEREST=[[-1, 16], [16, 32], [32, float("inf")]])
+from fcos import FCOSConfigError
+from fcos.deform_conv import ModulatedDeformConv2d
+
+P3_P5 = dict(
+    IN_FEATURES=["p3", "p4", "p5"],
+    FPN_STRIDES=[8, 16, 32],
+    OBJECT_SIZES_OF_INTEREST=[[-1, 64], [64, 128], [128, float("inf")]],
+)
+P2_P4 = dict(
+    IN_FEATURES=["p2", "p3", "p4"],
+    FPN_STRIDES=[4, 8, 16],
+    OBJECT_SIZES_OF_INTEREST=[[-1, 16], [16, 32], [32, float("inf")]],
+)
 OPTIONS: Dict[str, dict] = {
     "iou_quality": dict(P3_P5, BOX_QUALITY="iou"),
     "dcn_tower": dict(P3_P5, USE_DCN_IN_TOWER=True),
@@ -118,8 +125,11 @@ P2_MISTAKES = [
     # The extra row missing.
     (dict(P2_P4, OBJECT_SIZES_OF_INTEREST=[[-1, 32], [32, float("inf")]]), True, "has 2 rows"),
     # The extra row added at the wrong end.
-    (dict(P2_P4, OBJECT_SIZES_OF_INTEREST=[[16, 32], [32, float("inf")], [-1, 16]]), True,
-     "takes larger objects than row"),
+    (
+        dict(P2_P4, OBJECT_SIZES_OF_INTEREST=[[16, 32], [32, float("inf")], [-1, 16]]),
+        True,
+        "takes larger objects than row",
+    ),
 ]
 
 
@@ -139,18 +149,30 @@ def test_p2_mistakes_are_clear_errors(overrides: dict, with_res2: bool, message:
 def test_all_options_train_and_evaluate_with_train_net(tmp_path: Path) -> None:
     """The tiny embedded job with IoU quality, a deformable tower and P2 (res2-res4) end to end."""
     out = tmp_path / "out"
-    run = run_train_net(shapes_run(
-        tmp_path, out,
-        "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4']",
-        "MODEL.FPN.IN_FEATURES", "['res2', 'res3', 'res4']",
-        "MODEL.FCOS.IN_FEATURES", "['p2', 'p3', 'p4']",
-        "MODEL.FCOS.FPN_STRIDES", "[4, 8, 16]",
-        "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST", "[[-1, 16], [16, 32], [32, 100000]]",
-        "MODEL.FCOS.BOX_QUALITY", "iou",
-        "MODEL.FCOS.USE_DCN_IN_TOWER", "True",
-        "MODEL.FCOS.SCORE_THRESH_TEST", "0.001",
-        "SOLVER.MAX_ITER", "4",
-    ))
+    run = run_train_net(
+        shapes_run(
+            tmp_path,
+            out,
+            "MODEL.RESNETS.OUT_FEATURES",
+            "['res2', 'res3', 'res4']",
+            "MODEL.FPN.IN_FEATURES",
+            "['res2', 'res3', 'res4']",
+            "MODEL.FCOS.IN_FEATURES",
+            "['p2', 'p3', 'p4']",
+            "MODEL.FCOS.FPN_STRIDES",
+            "[4, 8, 16]",
+            "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST",
+            "[[-1, 16], [16, 32], [32, 100000]]",
+            "MODEL.FCOS.BOX_QUALITY",
+            "iou",
+            "MODEL.FCOS.USE_DCN_IN_TOWER",
+            "True",
+            "MODEL.FCOS.SCORE_THRESH_TEST",
+            "0.001",
+            "SOLVER.MAX_ITER",
+            "4",
+        )
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert list(ap_rows(run.stdout)) == ["bbox"]
     metrics = (out / "metrics.json").read_text()

@@ -6,6 +6,7 @@ root and tiny model weights where the pretrained file goes) plus a few overrides
 and the schedule. A script whose command drifts from the CLI fails here; the Windows and Linux twins
 must hold the same command.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,22 +21,49 @@ from typing import Dict, List, Tuple
 
 import pytest
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-
-from fcos.engine.defaults import load_config
-from fcos.data import shapes
 from inference_helpers import REPO_ROOT, VAL_IMAGE_SIZE, random_fcos, save_weights
+
+from fcos.data import shapes
+from fcos.engine.defaults import load_config
 
 BAT_VARIABLES = ("ANACONDA_ROOT", "ENV_NAME", "DATASETS_ROOT")
 SH_VARIABLES = ("PYTHON", "DATASETS_ROOT")
 # The seed's R-50 config shrunk to an R-18 with a small head and 128-px images.
 TINY_MODEL_OPTS = [
-    "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.FPN.OUT_CHANNELS", "64",
-    "MODEL.FCOS.NUM_CONVS", "1", "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "160",
-    "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160", "MODEL.DEVICE", "cpu",
+    "MODEL.RESNETS.DEPTH",
+    "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    "64",
+    "MODEL.FPN.OUT_CHANNELS",
+    "64",
+    "MODEL.FCOS.NUM_CONVS",
+    "1",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(128,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "160",
+    "INPUT.MIN_SIZE_TEST",
+    "128",
+    "INPUT.MAX_SIZE_TEST",
+    "160",
+    "MODEL.DEVICE",
+    "cpu",
 ]
 TINY_TRAIN_OPTS = [
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.0001", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()",
-    "SOLVER.WARMUP_ITERS", "0", "SOLVER.CHECKPOINT_PERIOD", "1000", "DATALOADER.NUM_WORKERS", "0",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.BASE_LR",
+    "0.0001",
+    "SOLVER.MAX_ITER",
+    "2",
+    "SOLVER.STEPS",
+    "()",
+    "SOLVER.WARMUP_ITERS",
+    "0",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "1000",
+    "DATALOADER.NUM_WORKERS",
+    "0",
 ]
 PRETRAINED = "pretrained_weights/FCOS_imprv_R_50_FPN_1x.pth"
 
@@ -62,9 +90,14 @@ def read_script(path: Path) -> Tuple[Dict[str, str], List[str]]:
 
 def expand(args: List[str], values: Dict[str, str]) -> List[str]:
     """Substitute %VAR% (cmd) and $VAR / ${VAR} (bash)."""
+
     def one(arg: str) -> str:
         for name, value in values.items():
-            arg = arg.replace(f"%{name}%", value).replace(f"${{{name}}}", value).replace(f"${name}", value)
+            arg = (
+                arg.replace(f"%{name}%", value)
+                .replace(f"${{{name}}}", value)
+                .replace(f"${name}", value)
+            )
         return arg
 
     return [one(a) for a in args]
@@ -77,8 +110,12 @@ def test_bat_files_are_crlf_with_the_user_variables_at_the_top():
         variables, _ = read_script(REPO_ROOT / name)
         assert tuple(variables)[:3] == BAT_VARIABLES
         lines = data.decode("ascii").splitlines()
-        first_command = next(line for line in lines if line and not line.startswith(("@echo", "rem", "set ")))
-        assert first_command == 'cd /d "%~dp0"', f"{name}: only comments and the variables come before the commands"
+        first_command = next(
+            line for line in lines if line and not line.startswith(("@echo", "rem", "set "))
+        )
+        assert (
+            first_command == 'cd /d "%~dp0"'
+        ), f"{name}: only comments and the variables come before the commands"
         assert 'call "%ANACONDA_ROOT%\\Scripts\\activate.bat" "%ENV_NAME%"' in lines
     assert "*.bat text eol=crlf" in (REPO_ROOT / ".gitattributes").read_text().splitlines()
 
@@ -95,16 +132,23 @@ def test_windows_and_linux_twins_run_the_same_command(stem):
 
 def _fake_coco(root: Path, shapes_root: Path) -> Path:
     """DATASETS_ROOT/coco with COCO's 80 categories and generated shapes images named like COCO's."""
-    paths = shapes.ensure_shapes_dataset(shapes_root, num_train=4, num_val=2, image_size=VAL_IMAGE_SIZE)
+    paths = shapes.ensure_shapes_dataset(
+        shapes_root, num_train=4, num_val=2, image_size=VAL_IMAGE_SIZE
+    )
     coco_categories = [{"id": c["id"], "name": c["name"]} for c in COCO_CATEGORIES if c["isthing"]]
     for split in shapes.SPLITS:
         data = json.loads(paths[f"{split}_json"].read_text())
         (root / "coco" / f"{split}2017").mkdir(parents=True)
         for image in data["images"]:
             new_name = f"{image['id'] + 100:012d}.jpg"
-            shutil.copy(paths[f"{split}_images"] / image["file_name"], root / "coco" / f"{split}2017" / new_name)
+            shutil.copy(
+                paths[f"{split}_images"] / image["file_name"],
+                root / "coco" / f"{split}2017" / new_name,
+            )
             image["file_name"] = new_name
-        data["categories"] = coco_categories  # shapes ids 1-4 become person, bicycle, car, motorcycle
+        data["categories"] = (
+            coco_categories  # shapes ids 1-4 become person, bicycle, car, motorcycle
+        )
         (root / "coco" / "annotations").mkdir(exist_ok=True)
         (root / "coco" / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(data))
     return root
@@ -125,7 +169,9 @@ def workspace(tmp_path_factory) -> Tuple[Path, Path]:
 def _run(work: Path, args: List[str], **env: str) -> subprocess.CompletedProcess:
     """``python args`` from ``work``, as the script would run it (its interpreter is this one)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run([sys.executable, *args], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, *args], cwd=work, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_demo_script_command_runs(workspace):
@@ -143,8 +189,15 @@ def test_train_script_command_runs(workspace):
     """Fine-tunes from the (tiny) pretrained file for 2 iterations, evaluates on the fake COCO val."""
     work, datasets = workspace
     _, args = read_script(REPO_ROOT / "train_fcos.bat")
-    assert args == ["train_net.py", "--config-file", "configs/fcos_R_50_FPN.yaml",
-                    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.00125"]
+    assert args == [
+        "train_net.py",
+        "--config-file",
+        "configs/fcos_R_50_FPN.yaml",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SOLVER.BASE_LR",
+        "0.00125",
+    ]
     args = expand(args, {"DATASETS_ROOT": str(datasets)}) + TINY_MODEL_OPTS + TINY_TRAIN_OPTS
     result = _run(work, args, DETECTRON2_DATASETS=str(datasets))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,5 +1,7 @@
 """Tests of the embedded synthetic shapes dataset (fcos.data.shapes): geometry, determinism, COCO validity,
-atomic/conditional regeneration, CLI and detectron2 registration. All generations are tiny (<= 20 images)."""
+atomic/conditional regeneration, CLI and detectron2 registration. All generations are tiny (<= 20 images).
+"""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +12,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from fcos.data import shapes
 from dataset.shapes import main as shapes_main
+from fcos.data import shapes
 from fcos.data.shapes import CLASS_NAMES, Shape
 
 SIZE = (128, 128)
@@ -20,7 +22,9 @@ NUM_TRAIN, NUM_VAL = 20, 6
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return shapes.generate_shapes_dataset(tmp_path_factory.mktemp("gen") / "shapes", NUM_TRAIN, NUM_VAL, SIZE, seed=3)
+    return shapes.generate_shapes_dataset(
+        tmp_path_factory.mktemp("gen") / "shapes", NUM_TRAIN, NUM_VAL, SIZE, seed=3
+    )
 
 
 def _load(path: Path) -> dict:
@@ -30,7 +34,12 @@ def _load(path: Path) -> dict:
 def _extent(mask: np.ndarray) -> tuple[float, float, float, float]:
     """COCO box of a boolean image mask under the module's convention (columns a..b -> x=a, w=b-a+1)."""
     cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
-    return float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)
+    return (
+        float(cols[0]),
+        float(rows[0]),
+        float(cols[-1] - cols[0] + 1),
+        float(rows[-1] - rows[0] + 1),
+    )
 
 
 def _recreate(split: str, index: int, num_images: int, seed: int = 3):
@@ -39,6 +48,7 @@ def _recreate(split: str, index: int, num_images: int, seed: int = 3):
 
 
 # --- geometry and the box convention, hand-computed -------------------------------------------------------
+
 
 def test_square_box_is_its_pixel_columns_and_rows() -> None:
     # Pixel centres 10.5 .. 19.5 lie in [10, 20] -> columns 10..19 -> x = 10, w = 19 - 10 + 1 = 10.
@@ -73,11 +83,14 @@ def test_cross_mask_is_a_plus_sign() -> None:
 
 # --- the generated files ----------------------------------------------------------------------------------
 
+
 def test_json_is_valid_coco(generated: dict[str, Path]) -> None:
     for split, count in (("train", NUM_TRAIN), ("val", NUM_VAL)):
         coco = COCO(str(generated[f"{split}_json"]))
         assert len(coco.getImgIds()) == count
-        assert [(c["id"], c["name"]) for c in coco.loadCats(coco.getCatIds())] == list(enumerate(CLASS_NAMES, 1))
+        assert [(c["id"], c["name"]) for c in coco.loadCats(coco.getCatIds())] == list(
+            enumerate(CLASS_NAMES, 1)
+        )
         for image in coco.loadImgs(coco.getImgIds()):
             with Image.open(generated[f"{split}_images"] / image["file_name"]) as img:
                 assert (img.format, img.size) == ("JPEG", (image["width"], image["height"]))
@@ -106,14 +119,20 @@ def test_boxes_are_tight_extents_of_the_drawn_pixels(generated: dict[str, Path])
         union = np.zeros(SIZE, dtype=bool)
         for p in placed:
             mask, c0, r0 = p.shape.mask()
-            union[r0:r0 + mask.shape[0], c0:c0 + mask.shape[1]] |= mask
-        np.testing.assert_array_equal(changed, union)  # every shape pixel differs from the background
+            union[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]] |= mask
+        np.testing.assert_array_equal(
+            changed, union
+        )  # every shape pixel differs from the background
         if len(anns) == 1:
             single += 1
             assert _extent(changed) == tuple(anns[0]["bbox"])
-        saved = np.asarray(Image.open(generated["train_images"] / image["file_name"]), dtype=np.float64)
+        saved = np.asarray(
+            Image.open(generated["train_images"] / image["file_name"]), dtype=np.float64
+        )
         psnr = 10 * np.log10(255.0**2 / np.mean((saved - drawn) ** 2))
-        assert psnr > 38.0, f"{image['file_name']}: saved JPEG far from the rendered image ({psnr:.1f} dB)"
+        assert (
+            psnr > 38.0
+        ), f"{image['file_name']}: saved JPEG far from the rendered image ({psnr:.1f} dB)"
     assert single > 0
 
 
@@ -125,7 +144,7 @@ def test_occluded_shapes_stay_mostly_visible(generated: dict[str, Path]) -> None
         areas = []
         for k, p in enumerate(placed):
             mask, c0, r0 = p.shape.mask()
-            owner[r0:r0 + mask.shape[0], c0:c0 + mask.shape[1]][mask] = k
+            owner[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]][mask] = k
             areas.append(mask.sum())
         visible = np.bincount(owner[owner >= 0], minlength=len(placed))
         assert all(v >= shapes.MIN_VISIBLE_FRACTION * a for v, a in zip(visible, areas))
@@ -139,7 +158,7 @@ def test_every_shape_contrasts_with_all_pixels_it_covers() -> None:
         for k, p in enumerate(placed):
             below = shapes.compose(background, placed[:k])
             mask, c0, r0 = p.shape.mask()
-            covered = below[r0:r0 + mask.shape[0], c0:c0 + mask.shape[1]][mask].astype(float)
+            covered = below[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]][mask].astype(float)
             assert np.sqrt(((covered - p.colour) ** 2).sum(axis=1)).min() >= shapes.MIN_CONTRAST
 
 
@@ -164,12 +183,15 @@ def test_same_arguments_give_identical_files(generated: dict[str, Path], tmp_pat
         files = sorted(p.name for p in generated[f"{split}_images"].iterdir())
         assert files == sorted(p.name for p in again[f"{split}_images"].iterdir())
         for name in files:
-            assert (again[f"{split}_images"] / name).read_bytes() == (generated[f"{split}_images"] / name).read_bytes()
+            assert (again[f"{split}_images"] / name).read_bytes() == (
+                generated[f"{split}_images"] / name
+            ).read_bytes()
     other = shapes.generate_shapes_dataset(tmp_path / "other", NUM_TRAIN, NUM_VAL, SIZE, seed=4)
     assert other["train_json"].read_bytes() != generated["train_json"].read_bytes()
 
 
 # --- regeneration, atomicity, validation, CLI -------------------------------------------------------------
+
 
 def test_ensure_skips_matching_and_redoes_changed(tmp_path: Path) -> None:
     root = tmp_path / "shapes"
@@ -181,15 +203,21 @@ def test_ensure_skips_matching_and_redoes_changed(tmp_path: Path) -> None:
     shapes.ensure_shapes_dataset(root, 3, 4, (64, 64))
     assert not sentinel.exists()
     assert len(_load(paths["val_json"])["images"]) == 4
-    assert _load(paths["manifest"])["params"] == {"num_train": 3, "num_val": 4, "image_size": [64, 64], "seed": 0}
+    assert _load(paths["manifest"])["params"] == {
+        "num_train": 3,
+        "num_val": 4,
+        "image_size": [64, 64],
+        "seed": 0,
+    }
     sentinel.write_text("x")
     paths["manifest"].write_text("{not json")
     shapes.ensure_shapes_dataset(root, 3, 4, (64, 64))
     assert not sentinel.exists() and _load(paths["manifest"])["version"] == shapes.GENERATOR_VERSION
 
 
-def test_interrupted_generation_keeps_the_previous_dataset(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_generation_keeps_the_previous_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = tmp_path / "shapes"
     paths = shapes.generate_shapes_dataset(root, 2, 2, (64, 64))
     before = paths["train_json"].read_bytes()
@@ -207,10 +235,16 @@ def test_interrupted_generation_keeps_the_previous_dataset(tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == [".shapes.lock", "shapes"]
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"num_train": 0}, "num_train"), ({"num_val": 2.5}, "num_val"),
-    ({"image_size": (16, 64)}, "image_size"), ({"image_size": (64,)}, "image_size"), ({"seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"num_train": 0}, "num_train"),
+        ({"num_val": 2.5}, "num_val"),
+        ({"image_size": (16, 64)}, "image_size"),
+        ({"image_size": (64,)}, "image_size"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_bad_parameters_are_named(tmp_path: Path, kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         shapes.generate_shapes_dataset(tmp_path / "shapes", **kwargs)
@@ -219,7 +253,12 @@ def test_bad_parameters_are_named(tmp_path: Path, kwargs: dict, field: str) -> N
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "cli"
-    assert shapes_main(["--root", str(root), "--num-train", "3", "--num-val", "2", "--size", "48", "64"]) == 0
+    assert (
+        shapes_main(
+            ["--root", str(root), "--num-train", "3", "--num-val", "2", "--size", "48", "64"]
+        )
+        == 0
+    )
     assert "train: 3 images" in capsys.readouterr().out
     image = _load(root / "annotations" / "instances_val.json")["images"][0]
     assert (image["height"], image["width"]) == (48, 64)
@@ -230,7 +269,10 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 # --- detectron2 registration ------------------------------------------------------------------------------
 
-def test_register_is_idempotent_and_follows_the_latest_root(generated: dict[str, Path], tmp_path: Path) -> None:
+
+def test_register_is_idempotent_and_follows_the_latest_root(
+    generated: dict[str, Path], tmp_path: Path
+) -> None:
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     prefix = "test_shapes_registry"
@@ -242,7 +284,9 @@ def test_register_is_idempotent_and_follows_the_latest_root(generated: dict[str,
         assert meta.thing_classes == list(CLASS_NAMES) and meta.evaluator_type == "coco"
         dicts = DatasetCatalog.get(names[0])
         assert len(dicts) == NUM_TRAIN
-        assert sum(len(d["annotations"]) for d in dicts) == len(_load(generated["train_json"])["annotations"])
+        assert sum(len(d["annotations"]) for d in dicts) == len(
+            _load(generated["train_json"])["annotations"]
+        )
         other = shapes.generate_shapes_dataset(tmp_path / "other", 2, 1, (64, 64))
         shapes.register_shapes_datasets(other["root"], prefix=prefix)
         assert len(DatasetCatalog.get(names[1])) == 1

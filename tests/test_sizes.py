@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import yaml
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from train_helpers import REPO, simple_categories, write_coco
 
 import train_net
 from dataset.check import main as check_main
 from fcos.data.sizes import size_stats, suggest_sizes
-from train_helpers import REPO, simple_categories, write_coco
 
 SCRATCH = REPO / "configs" / "fcos_custom_scratch.yaml"
 

@@ -1,21 +1,25 @@
 """Target assignment on hand-computed cases (docs/MODEL.md, "Training targets")."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from model_utils import instances
 
 from fcos.targets import FCOSTargetAssigner, centerness_target, grid_points
-from model_utils import instances
 
 INF = float("inf")
 
 
 def assigner(sizes, strides, radius=0.0, chunk=1 << 21, num_classes=3):
     return FCOSTargetAssigner(
-        num_classes=num_classes, strides=strides, sizes_of_interest=sizes,
-        center_sampling_radius=radius, chunk_elements=chunk,
+        num_classes=num_classes,
+        strides=strides,
+        sizes_of_interest=sizes,
+        center_sampling_radius=radius,
+        chunk_elements=chunk,
     )
 
 
@@ -82,7 +86,9 @@ def test_center_sampling_radius_and_clipping_to_box():
 def test_overlaps_smallest_area_wins_and_ties_go_to_lowest_index(chunk):
     boxes = [[0, 0, 100, 100], [20, 20, 60, 60], [0, 0, 50, 50], [10, 10, 60, 60]]
     points = [pts((40, 40), (10, 10), (12, 45), (80, 80), (5, 5))]
-    t = assigner([[-1, INF]], [8], chunk=chunk)(points, [instances((100, 100), boxes, [0, 1, 2, 0])])
+    t = assigner([[-1, INF]], [8], chunk=chunk)(
+        points, [instances((100, 100), boxes, [0, 1, 2, 0])]
+    )
     # (40,40): boxes 0 (10000), 1 (1600), 2 (2500), 3 (2500) contain it -> 1.
     # (10,10): boxes 0 and 2 -> 2 (area 2500 < 10000); (10,10) is on box 3's border.
     # (12,45): boxes 0, 2, 3 (not 1) -> 2 and 3 tie at 2500 -> lowest index 2 (class 2, not 0).
@@ -136,10 +142,14 @@ def test_chunked_matches_brute_force_on_random_boxes(radius):
     wh = torch.rand(40, 2, generator=generator) * 40 + 1
     boxes = torch.cat((xy, xy + wh), dim=1).round()
     classes = torch.randint(0, 3, (40,), generator=generator)
-    t = assigner(sizes, strides, radius=radius, chunk=97)(points, [instances((64, 64), boxes.tolist(), classes.tolist())])
+    t = assigner(sizes, strides, radius=radius, chunk=97)(
+        points, [instances((64, 64), boxes.tolist(), classes.tolist())]
+    )
     all_points = torch.cat(points).tolist()
     point_strides = [s for p, s in zip(points, strides) for _ in range(len(p))]
     point_sizes = [z for p, z in zip(points, sizes) for _ in range(len(p))]
-    expected = _dense_reference(all_points, point_strides, point_sizes, boxes.tolist(), classes.tolist(), 3, radius)
+    expected = _dense_reference(
+        all_points, point_strides, point_sizes, boxes.tolist(), classes.tolist(), 3, radius
+    )
     assert t.classes[0].tolist() == expected
     assert (t.classes[0] != 3).sum() > 20

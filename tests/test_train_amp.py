@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from train_helpers import ap_rows, run_train_net, shapes_run
 
 BFLOAT16 = ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bfloat16"]

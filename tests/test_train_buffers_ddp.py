@@ -18,10 +18,10 @@ import pytest
 import torch
 from detectron2.utils import comm
 from torch import nn
+from train_helpers import ap_rows, run_train_net, shapes_run
 
 from fcos.engine.hooks import synchronize_buffers
 from fcos.engine.launch import launch
-from train_helpers import ap_rows, run_train_net, shapes_run
 
 TWO_PROCESSES = ["--num-gpus", "2", "--dist-url", "auto"]
 # Trainable BN backbone (the embedded config's), 1 image per process, every candidate kept at test

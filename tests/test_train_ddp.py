@@ -1,5 +1,6 @@
 """NORM_SYNC and SyncBN across processes (gloo on CPU): 2 processes x 1 image must give the losses of
 1 process x 2 images, and the test shows that without them they do not."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from detectron2.utils import comm
-
-from train_helpers import SHAPES_CONFIG, TINY_OPTS
 from model_utils import instances
+from train_helpers import SHAPES_CONFIG, TINY_OPTS
+
 from fcos.engine.config import get_fcos_cfg
 from fcos.engine.launch import launch
 
@@ -24,8 +25,20 @@ def _build(head_norm: str) -> torch.nn.Module:
     cfg = get_fcos_cfg()
     cfg.merge_from_file(str(SHAPES_CONFIG))
     cfg.merge_from_list(TINY_OPTS)
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.FCOS.NUM_CLASSES", "3", "MODEL.RESNETS.NORM", "FrozenBN",
-                         "MODEL.FCOS.HEAD_NORM", head_norm, "MODEL.FCOS.NORM_SYNC", "True"])
+    cfg.merge_from_list(
+        [
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.FCOS.NUM_CLASSES",
+            "3",
+            "MODEL.RESNETS.NORM",
+            "FrozenBN",
+            "MODEL.FCOS.HEAD_NORM",
+            head_norm,
+            "MODEL.FCOS.NORM_SYNC",
+            "True",
+        ]
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()
@@ -37,7 +50,12 @@ def _inputs() -> List[Dict]:
     generator = torch.Generator().manual_seed(1)
     images = [torch.rand(3, SIZE, SIZE, generator=generator) * 255 * (i + 1) / 2 for i in range(2)]
     return [
-        {"image": images[0], "instances": instances((SIZE, SIZE), [[2, 2, 30, 40], [20, 8, 62, 60], [40, 40, 56, 50]], [0, 1, 2])},
+        {
+            "image": images[0],
+            "instances": instances(
+                (SIZE, SIZE), [[2, 2, 30, 40], [20, 8, 62, 60], [40, 40, 56, 50]], [0, 1, 2]
+            ),
+        },
         {"image": images[1], "instances": instances((SIZE, SIZE), [[10, 12, 24, 22]], [1])},
     ]
 
@@ -55,7 +73,9 @@ def _loss_worker(result_file: str) -> None:
         for norm_sync in (True, False):
             model.norm_sync = norm_sync
             gathered = comm.all_gather(_losses(model, _inputs()[rank : rank + 1]))
-            results[f"{head_norm}/{norm_sync}"] = {k: sum(g[k] for g in gathered) / len(gathered) for k in gathered[0]}
+            results[f"{head_norm}/{norm_sync}"] = {
+                k: sum(g[k] for g in gathered) / len(gathered) for k in gathered[0]
+            }
     if rank == 0:
         Path(result_file).write_text(json.dumps(results))
 
@@ -76,7 +96,11 @@ def one_process_losses() -> Dict[str, float]:
 @pytest.mark.slow
 def test_norm_sync_and_syncbn_match_one_process(two_process_losses, one_process_losses) -> None:
     synced = two_process_losses["SyncBN/True"]
-    assert synced.keys() == one_process_losses.keys() == {"loss_cls", "loss_box_reg", "loss_centerness"}
+    assert (
+        synced.keys()
+        == one_process_losses.keys()
+        == {"loss_cls", "loss_box_reg", "loss_centerness"}
+    )
     for key, value in one_process_losses.items():
         assert synced[key] == pytest.approx(value, rel=1e-5), key
 
@@ -92,15 +116,26 @@ def test_without_norm_sync_the_losses_differ(two_process_losses, one_process_los
 def test_plain_bn_head_differs_across_processes(two_process_losses, one_process_losses) -> None:
     # Per-process BN statistics of one image each differ from the statistics of both images.
     per_process_bn = two_process_losses["BN/True"]
-    assert any(per_process_bn[k] != pytest.approx(v, rel=1e-3) for k, v in one_process_losses.items())
+    assert any(
+        per_process_bn[k] != pytest.approx(v, rel=1e-3) for k, v in one_process_losses.items()
+    )
 
 
 OPTIONS_OPTS = [
-    "MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4']",
-    "MODEL.FPN.IN_FEATURES", "['res2', 'res3', 'res4']",
-    "MODEL.FCOS.IN_FEATURES", "['p2', 'p3', 'p4']", "MODEL.FCOS.FPN_STRIDES", "[4, 8, 16]",
-    "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST", "[[-1, 16], [16, 32], [32, 100000]]",
-    "MODEL.FCOS.BOX_QUALITY", "iou", "MODEL.FCOS.USE_DCN_IN_TOWER", "True",
+    "MODEL.RESNETS.OUT_FEATURES",
+    "['res2', 'res3', 'res4']",
+    "MODEL.FPN.IN_FEATURES",
+    "['res2', 'res3', 'res4']",
+    "MODEL.FCOS.IN_FEATURES",
+    "['p2', 'p3', 'p4']",
+    "MODEL.FCOS.FPN_STRIDES",
+    "[4, 8, 16]",
+    "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST",
+    "[[-1, 16], [16, 32], [32, 100000]]",
+    "MODEL.FCOS.BOX_QUALITY",
+    "iou",
+    "MODEL.FCOS.USE_DCN_IN_TOWER",
+    "True",
 ]
 
 

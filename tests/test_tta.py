@@ -1,14 +1,15 @@
 """FCOS test-time augmentation (fcos/tta.py): flips undone exactly, merging + class-aware NMS, top-k."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from detectron2.modeling.test_time_augmentation import DatasetMapperTTA
 from fvcore.transforms import NoOpTransform, TransformList
+from inference_helpers import boxes_close, random_fcos, tiny_cfg
 
 from fcos.inference import select_detections
 from fcos.tta import FCOSWithTTA
-from inference_helpers import boxes_close, random_fcos, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +23,17 @@ def _image(height: int, width: int, seed: int = 0) -> torch.Tensor:
 
 
 def _aug_cfg(min_sizes, flip: bool, max_size: int = 160, *opts: str):
-    return tiny_cfg("TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", str(tuple(min_sizes)),
-                    "TEST.AUG.MAX_SIZE", str(max_size), "TEST.AUG.FLIP", str(flip), *opts)
+    return tiny_cfg(
+        "TEST.AUG.ENABLED",
+        "True",
+        "TEST.AUG.MIN_SIZES",
+        str(tuple(min_sizes)),
+        "TEST.AUG.MAX_SIZE",
+        str(max_size),
+        "TEST.AUG.FLIP",
+        str(flip),
+        *opts,
+    )
 
 
 def _run(module, image: torch.Tensor, **extra):
@@ -38,7 +48,9 @@ def test_single_identity_augmentation_reproduces_plain_inference(model):
     tta = _run(FCOSWithTTA(_aug_cfg([128], False), model), image)
     assert len(plain) > 0
     assert torch.equal(tta.pred_boxes.tensor, plain.pred_boxes.tensor)
-    assert torch.equal(tta.scores, plain.scores) and torch.equal(tta.pred_classes, plain.pred_classes)
+    assert torch.equal(tta.scores, plain.scores) and torch.equal(
+        tta.pred_classes, plain.pred_classes
+    )
 
 
 def test_official_postprocessing_is_shared_with_plain_inference():
@@ -70,7 +82,9 @@ def test_single_rescaled_augmentation_matches_plain_inference_in_original_pixels
     """A 96x128 image at MIN_SIZE_TEST 128 (-> 120x160): TTA maps candidates back before NMS, the plain
     path after; IoU is invariant to the axis-aligned rescale, so the detections agree."""
     image_96 = _image(96, 128, seed=3)
-    resized = torch.nn.functional.interpolate(image_96[None].float(), size=(120, 160), mode="bilinear")[0]
+    resized = torch.nn.functional.interpolate(
+        image_96[None].float(), size=(120, 160), mode="bilinear"
+    )[0]
     resized = resized.round().to(torch.uint8)
     plain = _run(model, resized, height=96, width=128)
     tta = _run(FCOSWithTTA(_aug_cfg([128], False), model), resized, height=96, width=128)
@@ -91,7 +105,9 @@ def test_flip_of_a_symmetric_image_gives_the_mirrored_candidates(model):
         plain_boxes, plain_scores, plain_classes = tta.augmented_candidates(plain_input)
         flip_boxes, flip_scores, flip_classes = tta.augmented_candidates(flipped_input)
     assert len(plain_boxes) > 10
-    mirrored = torch.stack([160 - plain_boxes[:, 2], plain_boxes[:, 1], 160 - plain_boxes[:, 0], plain_boxes[:, 3]], 1)
+    mirrored = torch.stack(
+        [160 - plain_boxes[:, 2], plain_boxes[:, 1], 160 - plain_boxes[:, 0], plain_boxes[:, 3]], 1
+    )
     assert boxes_close(flip_boxes, mirrored, atol=1e-4)
     assert torch.equal(flip_scores, plain_scores) and torch.equal(flip_classes, plain_classes)
 
@@ -114,7 +130,10 @@ def test_nms_does_not_merge_across_classes(model):
     """Class-aware: identical boxes of different classes both survive."""
     tta = FCOSWithTTA(_aug_cfg([128], False), model)
     box = torch.tensor([[10.0, 10.0, 50.0, 50.0]])
-    candidates = [(box, torch.tensor([0.9]), torch.tensor([0])), (box, torch.tensor([0.8]), torch.tensor([2]))]
+    candidates = [
+        (box, torch.tensor([0.9]), torch.tensor([0])),
+        (box, torch.tensor([0.8]), torch.tensor([2])),
+    ]
     tta.augmented_candidates = lambda augmented: candidates.pop(0)
     tta.tta_mapper = lambda inputs: [inputs, inputs]
     result = _run(tta, _image(64, 64))
@@ -139,7 +158,10 @@ def test_multi_scale_flip_output_is_capped_sorted_and_clipped():
 def test_default_mapper_follows_the_config(model):
     tta = FCOSWithTTA(_aug_cfg([64, 128], True, 100), model)
     assert isinstance(tta.tta_mapper, DatasetMapperTTA)
-    shapes = [tuple(d["image"].shape[1:]) for d in tta.tta_mapper({"image": _image(96, 128), "height": 96, "width": 128})]
+    shapes = [
+        tuple(d["image"].shape[1:])
+        for d in tta.tta_mapper({"image": _image(96, 128), "height": 96, "width": 128})
+    ]
     # Short edge 64 -> 64x85; short edge 128 -> 128x171, capped at long edge 100 -> 75x100; each also flipped.
     assert shapes == [(64, 85), (64, 85), (75, 100), (75, 100)]
 

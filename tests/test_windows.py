@@ -4,6 +4,7 @@ a custom-data training with spawned DataLoader workers and a 2-process gloo laun
 subprocesses. A static check adds what the simulation cannot see: POSIX-only imports in code that
 did not run, and POSIX-only ``os``/``signal`` attributes.
 """
+
 from __future__ import annotations
 
 import ast
@@ -15,21 +16,55 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
-
 import windows_sim
 from train_helpers import REPO, TINY_OPTS, ap_rows, simple_boxes, simple_categories, write_coco
 
 # Attributes that exist only on POSIX (calling one on Windows raises AttributeError).
 POSIX_ONLY_ATTRIBUTES = {
     "os": {
-        "fork", "forkpty", "getuid", "geteuid", "getgid", "getegid", "getpgid", "getpgrp", "setsid",
-        "setpgrp", "setuid", "setgid", "killpg", "getloadavg", "sched_getaffinity",
-        "sched_setaffinity", "fchown", "chown", "lchown", "mkfifo", "nice", "uname", "wait3",
-        "wait4", "WNOHANG", "O_CLOEXEC",
+        "fork",
+        "forkpty",
+        "getuid",
+        "geteuid",
+        "getgid",
+        "getegid",
+        "getpgid",
+        "getpgrp",
+        "setsid",
+        "setpgrp",
+        "setuid",
+        "setgid",
+        "killpg",
+        "getloadavg",
+        "sched_getaffinity",
+        "sched_setaffinity",
+        "fchown",
+        "chown",
+        "lchown",
+        "mkfifo",
+        "nice",
+        "uname",
+        "wait3",
+        "wait4",
+        "WNOHANG",
+        "O_CLOEXEC",
     },
     "signal": {
-        "SIGKILL", "SIGHUP", "SIGQUIT", "SIGALRM", "SIGUSR1", "SIGUSR2", "SIGCHLD", "SIGPIPE",
-        "SIGSTOP", "SIGCONT", "alarm", "setitimer", "pause", "pthread_kill", "siginterrupt",
+        "SIGKILL",
+        "SIGHUP",
+        "SIGQUIT",
+        "SIGALRM",
+        "SIGUSR1",
+        "SIGUSR2",
+        "SIGCHLD",
+        "SIGPIPE",
+        "SIGSTOP",
+        "SIGCONT",
+        "alarm",
+        "setitimer",
+        "pause",
+        "pthread_kill",
+        "siginterrupt",
     },
 }
 
@@ -55,8 +90,13 @@ def project_modules() -> Dict[str, Path]:
     return modules
 
 
-def run_simulated(tmp_path: Path, args: List[str], log: Optional[Path] = None, timeout: float = 300,
-                  extra_paths: Tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+def run_simulated(
+    tmp_path: Path,
+    args: List[str],
+    log: Optional[Path] = None,
+    timeout: float = 300,
+    extra_paths: Tuple[Path, ...] = (),
+) -> subprocess.CompletedProcess:
     """``python args`` from the repository root under the simulation."""
     env = windows_sim.environment(tmp_path / "site", extra_paths, log)
     return subprocess.run(
@@ -100,7 +140,9 @@ def test_simulation_refuses_posix_modules_to_project_code_only(tmp_path: Path) -
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.splitlines()[-1]) == {
-        "fcos.direct": "fcntl", "fcos.dynamic": "resource", "fcos.uses_vendor": "ok",
+        "fcos.direct": "fcntl",
+        "fcos.dynamic": "resource",
+        "fcos.uses_vendor": "ok",
         "start": ["spawn", "spawn"],
     }
 
@@ -167,15 +209,18 @@ def test_no_posix_only_module_or_attribute_in_project_code() -> None:
     assert {name: uses for name, uses in found.items() if uses} == {}
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("import fcntl\n", ["1: import fcntl"]),
-    ("def f():\n    from resource import getrusage\n", ["2: import resource"]),
-    ("import os\nos.fork()\n", ["2: os.fork"]),
-    ("import signal\nx = signal.SIGKILL\n", ["2: signal.SIGKILL"]),
-    ("from os import getuid\n", ["1: import os.getuid"]),
-    ("try:\n    import resource\nexcept ModuleNotFoundError:\n    resource = None\n", []),
-    ("import os\nload = os.getloadavg() if hasattr(os, 'getloadavg') else None\n", []),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("import fcntl\n", ["1: import fcntl"]),
+        ("def f():\n    from resource import getrusage\n", ["2: import resource"]),
+        ("import os\nos.fork()\n", ["2: os.fork"]),
+        ("import signal\nx = signal.SIGKILL\n", ["2: signal.SIGKILL"]),
+        ("from os import getuid\n", ["1: import os.getuid"]),
+        ("try:\n    import resource\nexcept ModuleNotFoundError:\n    resource = None\n", []),
+        ("import os\nload = os.getloadavg() if hasattr(os, 'getloadavg') else None\n", []),
+    ],
+)
 def test_the_static_check_catches_posix_only_code(
     tmp_path: Path, source: str, expected: List[str]
 ) -> None:
@@ -198,8 +243,16 @@ def test_entry_point_help(tmp_path: Path, script: str) -> None:
 
 def test_every_project_module_imports(tmp_path: Path) -> None:
     modules = project_modules()
-    assert {"fcos.engine.launch", "fcos.data.shapes", "train_net", "demo", "predictor", "export",
-            "dataset.voc2coco", "bench.common"} <= set(modules)
+    assert {
+        "fcos.engine.launch",
+        "fcos.data.shapes",
+        "train_net",
+        "demo",
+        "predictor",
+        "export",
+        "dataset.voc2coco",
+        "bench.common",
+    } <= set(modules)
     probe = textwrap.dedent("""
         import importlib, json, sys, traceback
         loaded, failed = {}, {}
@@ -210,8 +263,12 @@ def test_every_project_module_imports(tmp_path: Path) -> None:
                 failed[name] = traceback.format_exc(limit=-3)
         print(json.dumps({"loaded": loaded, "failed": failed}))
     """)
-    result = run_simulated(tmp_path, ["-c", probe, json.dumps(sorted(modules))], timeout=240,
-                           extra_paths=(REPO / "demo", REPO / "tools"))
+    result = run_simulated(
+        tmp_path,
+        ["-c", probe, json.dumps(sorted(modules))],
+        timeout=240,
+        extra_paths=(REPO / "demo", REPO / "tools"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = json.loads(result.stdout.splitlines()[-1])
     assert outcome["failed"] == {}
@@ -223,15 +280,35 @@ def _custom_data(root: Path) -> List[str]:
     categories = simple_categories(2)
     train_json, train_images = write_coco(root, "train", categories, simple_boxes(4, 2))
     val_json, val_images = write_coco(root, "val", categories, simple_boxes(2, 2))
-    return ["--ann_file_train", str(train_json), "--image_dir_train", str(train_images),
-            "--ann_file_val", str(val_json), "--image_dir_val", str(val_images)]
+    return [
+        "--ann_file_train",
+        str(train_json),
+        "--image_dir_train",
+        str(train_images),
+        "--ann_file_val",
+        str(val_json),
+        "--image_dir_val",
+        str(val_images),
+    ]
 
 
 def _tiny_run(tmp_path: Path, flags: Tuple[str, ...] = (), opts: Tuple[str, ...] = ()) -> List[str]:
     """train_net.py arguments: 2 iterations on the tiny custom data, then its evaluation."""
-    return ["train_net.py", "--config-file", str(REPO / "configs" / "fcos_shapes.yaml"), *flags,
-            *_custom_data(tmp_path / "data"), *TINY_OPTS, "SOLVER.MAX_ITER", "2",
-            "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "out"), *opts]
+    return [
+        "train_net.py",
+        "--config-file",
+        str(REPO / "configs" / "fcos_shapes.yaml"),
+        *flags,
+        *_custom_data(tmp_path / "data"),
+        *TINY_OPTS,
+        "SOLVER.MAX_ITER",
+        "2",
+        "MODEL.DEVICE",
+        "cpu",
+        "OUTPUT_DIR",
+        str(tmp_path / "out"),
+        *opts,
+    ]
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
 """Tiny datasets, configs and a train_net.py runner shared by the training tests (tests/test_train_*.py)."""
+
 from __future__ import annotations
 
 import json
@@ -19,44 +20,72 @@ SHAPES_CONFIG = REPO / "configs" / "fcos_shapes.yaml"
 # parameters, small checkpoints), one head conv, batch 2.
 TINY_SIZE = 64
 TINY_OPTS: List[str] = [
-    "MODEL.RESNETS.OUT_FEATURES", "['res3', 'res4']",
-    "MODEL.FPN.IN_FEATURES", "['res3', 'res4']",
-    "MODEL.FPN.OUT_CHANNELS", "32",
-    "MODEL.FCOS.IN_FEATURES", "['p3', 'p4']",
-    "MODEL.FCOS.FPN_STRIDES", "[8, 16]",
-    "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST", "[[-1, 32], [32, 100000]]",
-    "MODEL.FCOS.NUM_CONVS", "1",
-    "INPUT.MIN_SIZE_TRAIN", f"({TINY_SIZE},)",
-    "INPUT.MAX_SIZE_TRAIN", str(TINY_SIZE),
-    "INPUT.MIN_SIZE_TEST", str(TINY_SIZE),
-    "INPUT.MAX_SIZE_TEST", str(TINY_SIZE),
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.REFERENCE_WORLD_SIZE", "0",
-    "SOLVER.WARMUP_ITERS", "2",
-    "SOLVER.STEPS", "()",
-    "DATALOADER.NUM_WORKERS", "0",
+    "MODEL.RESNETS.OUT_FEATURES",
+    "['res3', 'res4']",
+    "MODEL.FPN.IN_FEATURES",
+    "['res3', 'res4']",
+    "MODEL.FPN.OUT_CHANNELS",
+    "32",
+    "MODEL.FCOS.IN_FEATURES",
+    "['p3', 'p4']",
+    "MODEL.FCOS.FPN_STRIDES",
+    "[8, 16]",
+    "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST",
+    "[[-1, 32], [32, 100000]]",
+    "MODEL.FCOS.NUM_CONVS",
+    "1",
+    "INPUT.MIN_SIZE_TRAIN",
+    f"({TINY_SIZE},)",
+    "INPUT.MAX_SIZE_TRAIN",
+    str(TINY_SIZE),
+    "INPUT.MIN_SIZE_TEST",
+    str(TINY_SIZE),
+    "INPUT.MAX_SIZE_TEST",
+    str(TINY_SIZE),
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.REFERENCE_WORLD_SIZE",
+    "0",
+    "SOLVER.WARMUP_ITERS",
+    "2",
+    "SOLVER.STEPS",
+    "()",
+    "DATALOADER.NUM_WORKERS",
+    "0",
 ]
 
 
 def tiny_shapes_opts(root: Path, num_train: int = 8, num_val: int = 4) -> List[str]:
     """Opts that make the embedded config generate a tiny shapes dataset under ``root``."""
     return [
-        "DATASETS.SHAPES.ROOT", str(root),
-        "DATASETS.SHAPES.NUM_TRAIN", str(num_train),
-        "DATASETS.SHAPES.NUM_VAL", str(num_val),
-        "DATASETS.SHAPES.IMAGE_SIZE", f"({TINY_SIZE}, {TINY_SIZE})",
+        "DATASETS.SHAPES.ROOT",
+        str(root),
+        "DATASETS.SHAPES.NUM_TRAIN",
+        str(num_train),
+        "DATASETS.SHAPES.NUM_VAL",
+        str(num_val),
+        "DATASETS.SHAPES.IMAGE_SIZE",
+        f"({TINY_SIZE}, {TINY_SIZE})",
     ]
 
 
 def shapes_run(tmp_path: Path, out: Path, *opts: str, flags: Sequence[str] = ()) -> List[str]:
     """train_net.py arguments for the tiny embedded job: ``flags`` (e.g. --eval-only) before the config ``opts``."""
-    return ["--config-file", str(SHAPES_CONFIG), *flags, *TINY_OPTS, *tiny_shapes_opts(tmp_path / "shapes"),
-            "OUTPUT_DIR", str(out), *opts]
+    return [
+        "--config-file",
+        str(SHAPES_CONFIG),
+        *flags,
+        *TINY_OPTS,
+        *tiny_shapes_opts(tmp_path / "shapes"),
+        "OUTPUT_DIR",
+        str(out),
+        *opts,
+    ]
 
 
 def ap_rows(output: str) -> Dict[str, List[str]]:
     """Rows of the final AP table that train_net.py prints: label -> [AP, AP50, AP75, APs, APm, APl]."""
-    table = output[output.rindex("Box AP on"):]
+    table = output[output.rindex("Box AP on") :]
     rows = {}
     for line in table.splitlines()[3:]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -88,12 +117,20 @@ def write_coco(
         write_image(image_dir / file_name, size, size, seed=i)
         images.append({"id": i + 1, "file_name": file_name, "width": size, "height": size})
         for category_id, bbox in boxes:
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": i + 1, "category_id": category_id,
-                "bbox": list(bbox), "area": float(bbox[2] * bbox[3]), "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": category_id,
+                    "bbox": list(bbox),
+                    "area": float(bbox[2] * bbox[3]),
+                    "iscrowd": 0,
+                }
+            )
     ann_file = root / f"{name}.json"
-    ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": list(categories)}))
+    ann_file.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": list(categories)})
+    )
     return ann_file, image_dir
 
 
@@ -104,7 +141,10 @@ def simple_categories(count: int) -> List[Dict]:
 def simple_boxes(num_images: int, num_classes: int) -> List[List[tuple]]:
     """Two boxes per image (one small, one large), cycling through the classes."""
     return [
-        [(1 + i % num_classes, [4.0, 6.0, 14.0, 12.0]), (1 + (i + 1) % num_classes, [20.0, 16.0, 40.0, 44.0])]
+        [
+            (1 + i % num_classes, [4.0, 6.0, 14.0, 12.0]),
+            (1 + (i + 1) % num_classes, [20.0, 16.0, 40.0, 44.0]),
+        ]
         for i in range(num_images)
     ]
 
@@ -116,5 +156,9 @@ def run_train_net(
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, str(TRAIN_NET), *args],
-        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )

@@ -17,6 +17,7 @@ at the start of each Python process, and children inherit the environment):
 Not simulated: ``os.path`` stays POSIX, drive letters and backslash separators do not exist, file
 locking and ``os.replace`` keep POSIX semantics, and there is no CUDA.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -65,8 +66,13 @@ def install(root: Optional[Path] = None) -> None:
     original_import: Callable[..., Any] = builtins.__import__
     original_import_module = importlib.import_module
 
-    def guarded_import(name: str, globals: Optional[Mapping[str, Any]] = None, locals: Any = None,
-                       fromlist: Any = (), level: int = 0) -> Any:
+    def guarded_import(
+        name: str,
+        globals: Optional[Mapping[str, Any]] = None,
+        locals: Any = None,
+        fromlist: Any = (),
+        level: int = 0,
+    ) -> Any:
         if level == 0:
             _refuse(name, globals if globals is not None else sys._getframe(1).f_globals, root)
         return original_import(name, globals, locals, fromlist, level)

@@ -7,6 +7,7 @@ detectron2/Caffe2 ImageNet .pkl, or already detectron2). OUT is a ``{"model": st
 plain ``torch.load(weights_only=True)`` and detectron2's own ``DetectionCheckpointer`` load by name,
 so converting an untrusted pickle once yields a file that is safe to pass around.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
 def convert(input_path: str, output_path: str, *, allow_unsafe_pickle: bool = False) -> str:
     """Convert ``input_path`` and write ``output_path`` atomically; returns a one-line description."""
     converted = read_checkpoint(input_path, allow_unsafe_pickle=allow_unsafe_pickle)
-    payload = {"model": converted.state_dict, "__author__": f"tools/convert.py from {converted.layout.name} layout"}
+    payload = {
+        "model": converted.state_dict,
+        "__author__": f"tools/convert.py from {converted.layout.name} layout",
+    }
     atomic_write(output_path, lambda f: torch.save(payload, f))
     return describe(converted, input_path) + f" -> {output_path}"
 

@@ -22,6 +22,7 @@ With ``MODEL.FCOS.USE_DCN_IN_TOWER`` the deformable tower convs export as ONNX `
 needs ``--opset 19`` or higher (a lower opset is refused with a message naming the switch);
 TorchScript keeps torchvision's ``deform_conv2d`` op (loading that file needs torchvision).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from detectron2.config import CfgNode
+from export_postprocess import METADATA_FORMAT, METADATA_VERSION, metadata_path
 from torch import Tensor, nn
 
-from export_postprocess import METADATA_FORMAT, METADATA_VERSION, metadata_path
 from fcos import FCOS
-from fcos.deform_conv import ONNX_DEFORM_CONV_OPSET, ModulatedDeformConv2d, register_onnx_deform_conv
+from fcos.deform_conv import (
+    ONNX_DEFORM_CONV_OPSET,
+    ModulatedDeformConv2d,
+    register_onnx_deform_conv,
+)
 from fcos.engine.cli import run
 from fcos.engine.config import SetupError
 from fcos.engine.defaults import build_inference_model, class_names, load_config
@@ -66,7 +71,11 @@ class FCOSExportModule(nn.Module):
 
     def output_names(self) -> List[str]:
         """Graph output names, three per level in level order (the order ``decode`` expects)."""
-        return [f"{kind}_{level}" for level in self.in_features for kind in ("logits", "box_reg", "centerness")]
+        return [
+            f"{kind}_{level}"
+            for level in self.in_features
+            for kind in ("logits", "box_reg", "centerness")
+        ]
 
     def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
         features = self.backbone((image - self.pixel_mean) / self.pixel_std)
@@ -74,7 +83,9 @@ class FCOSExportModule(nn.Module):
         return tuple(t for level in zip(logits, box_reg, centerness) for t in level)
 
 
-def export_metadata(cfg: CfgNode, module: FCOSExportModule, class_names: Optional[Sequence[str]]) -> Dict:
+def export_metadata(
+    cfg: CfgNode, module: FCOSExportModule, class_names: Optional[Sequence[str]]
+) -> Dict:
     """Everything ``export_postprocess`` needs besides the graph, as a JSON-ready dict."""
     fc = cfg.MODEL.FCOS
     return {
@@ -125,7 +136,9 @@ def check_exportable(model: nn.Module, fmt: str, opset: int) -> None:
         )
 
 
-def export_onnx(module: FCOSExportModule, example: Tensor, path: str, opset: int = DEFAULT_OPSET) -> None:
+def export_onnx(
+    module: FCOSExportModule, example: Tensor, path: str, opset: int = DEFAULT_OPSET
+) -> None:
     """Trace ``module`` on ``example`` into an ONNX file with dynamic batch, height and width."""
     import onnx
 
@@ -135,8 +148,15 @@ def export_onnx(module: FCOSExportModule, example: Tensor, path: str, opset: int
     dynamic.update({name: {0: "batch", 2: f"height_{name}", 3: f"width_{name}"} for name in names})
     with torch.no_grad():
         torch.onnx.export(
-            module, (example,), path, dynamo=False, opset_version=opset, input_names=["image"],
-            output_names=names, dynamic_axes=dynamic, do_constant_folding=True,
+            module,
+            (example,),
+            path,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=names,
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
         )
     onnx.checker.check_model(path)
 
@@ -168,7 +188,9 @@ def check_export(fmt: str, path: Path, module: FCOSExportModule, image: Tensor) 
     worst = 0.0
     for name, a, e in zip(module.output_names(), actual, expected):
         if a.shape != e.shape:
-            raise RuntimeError(f"{path}: output {name} has shape {a.shape}, the eager model gives {e.shape}")
+            raise RuntimeError(
+                f"{path}: output {name} has shape {a.shape}, the eager model gives {e.shape}"
+            )
         worst = max(worst, float(np.abs(a - e).max(initial=0.0)))
         if not np.allclose(a, e, atol=CHECK_ATOL, rtol=CHECK_RTOL):
             raise RuntimeError(
@@ -205,7 +227,9 @@ def export_model(
         else:
             export_torchscript(module, trace_input, tmp)
         worst = check_export(fmt, Path(tmp), module, example_input(divisor, 192, 128))
-        logger.info(f"{output}: matches the eager model on a 192x128 input (max |difference| {worst:.2e})")
+        logger.info(
+            f"{output}: matches the eager model on a 192x128 input (max |difference| {worst:.2e})"
+        )
         write_text_atomic(meta_file, text)
     return meta_file
 
@@ -213,15 +237,33 @@ def export_model(
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI: build the config's model with its weights and export it."""
     parser = argparse.ArgumentParser(prog="tools/export.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="the model's config (e.g. OUTPUT_DIR/config.yaml)")
+    parser.add_argument(
+        "--config-file",
+        required=True,
+        metavar="FILE",
+        help="the model's config (e.g. OUTPUT_DIR/config.yaml)",
+    )
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--output", required=True, type=Path, help="model file to write; metadata goes to OUTPUT.json")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
-    parser.add_argument("--ann_file", help="COCO JSON whose 'categories' name the classes (custom datasets)")
-    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    parser.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        help="model file to write; metadata goes to OUTPUT.json",
+    )
+    parser.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)"
+    )
+    parser.add_argument(
+        "--ann_file", help="COCO JSON whose 'categories' name the classes (custom datasets)"
+    )
+    parser.add_argument(
+        "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ..."
+    )
     args = parser.parse_args(argv)
     # force: a CLI owns the root logger (and in-process callers get a handler on their current stderr).
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
+    )
 
     def export() -> int:
         # Traced on the CPU: the graph holds no device-specific tensors, and the runtimes load it anywhere.

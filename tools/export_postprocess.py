@@ -26,6 +26,7 @@ Usage::
     detections = decode(outputs, meta, resized_hw, image.shape[:2])
     # detections["boxes"] (N, 4) x0 y0 x1 y1 in original pixels, ["scores"] (N,), ["classes"] (N,)
 """
+
 from __future__ import annotations
 
 import json
@@ -55,9 +56,13 @@ def load_metadata(path: str | Path) -> Dict[str, Any]:
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: cannot read export metadata ({err})") from err
     if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
-        raise ValueError(f"{path}: field 'format' is not {METADATA_FORMAT!r}; not an fcos-d2 export metadata file")
+        raise ValueError(
+            f"{path}: field 'format' is not {METADATA_FORMAT!r}; not an fcos-d2 export metadata file"
+        )
     if meta.get("version") != METADATA_VERSION:
-        raise ValueError(f"{path}: field 'version' is {meta.get('version')!r}; this code reads version {METADATA_VERSION}")
+        raise ValueError(
+            f"{path}: field 'version' is {meta.get('version')!r}; this code reads version {METADATA_VERSION}"
+        )
     return meta
 
 
@@ -87,7 +92,9 @@ def preprocess(image: np.ndarray, meta: Dict[str, Any]) -> Tuple[np.ndarray, Tup
         the batch and the resized (height, width) before padding, which ``decode`` needs.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image: expected an HxWx3 uint8 array, got shape {image.shape} dtype {image.dtype}")
+        raise ValueError(
+            f"image: expected an HxWx3 uint8 array, got shape {image.shape} dtype {image.dtype}"
+        )
     height, width = image.shape[:2]
     new_h, new_w = resized_shape(height, width, meta["min_size_test"], meta["max_size_test"])
     if (new_h, new_w) != (height, width):
@@ -115,7 +122,11 @@ def grid_points(height: int, width: int, stride: int, offset: float) -> np.ndarr
 
 
 def _level_candidates(
-    logits: np.ndarray, box_reg: np.ndarray, centerness: np.ndarray, points: np.ndarray, meta: Dict[str, Any]
+    logits: np.ndarray,
+    box_reg: np.ndarray,
+    centerness: np.ndarray,
+    points: np.ndarray,
+    meta: Dict[str, Any],
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One level of one image: (K, H, W), (4, H, W), (1, H, W) maps -> boxes, scores, classes."""
     num_classes = logits.shape[0]
@@ -130,7 +141,9 @@ def _level_candidates(
     if len(ranking) > topk:
         keep = np.argpartition(-ranking, topk - 1)[:topk]
         point_idx, class_idx, prob, ctr = point_idx[keep], class_idx[keep], prob[keep], ctr[keep]
-    deltas = box_reg.reshape(4, -1).T[point_idx] / np.asarray(meta["box_reg_weights"], dtype=np.float32)
+    deltas = box_reg.reshape(4, -1).T[point_idx] / np.asarray(
+        meta["box_reg_weights"], dtype=np.float32
+    )
     centres = points[point_idx]
     boxes = np.concatenate((centres - deltas[:, :2], centres + deltas[:, 2:]), axis=1)
     return boxes, np.sqrt(prob * ctr), class_idx
@@ -203,9 +216,13 @@ def decode(
     outputs = [np.asarray(o, dtype=np.float32) for o in outputs]
     num_levels = len(meta["strides"])
     if len(outputs) != 3 * num_levels:
-        raise ValueError(f"outputs: expected {3 * num_levels} arrays (3 per level), got {len(outputs)}")
+        raise ValueError(
+            f"outputs: expected {3 * num_levels} arrays (3 per level), got {len(outputs)}"
+        )
     if outputs[0].shape[0] != 1:
-        raise ValueError(f"outputs: decode takes one image at a time, got a batch of {outputs[0].shape[0]}")
+        raise ValueError(
+            f"outputs: decode takes one image at a time, got a batch of {outputs[0].shape[0]}"
+        )
     boxes_all, scores_all, classes_all = [], [], []
     for level, stride in enumerate(meta["strides"]):
         logits, box_reg, centerness = (o[0] for o in outputs[3 * level : 3 * level + 3])

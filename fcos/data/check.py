@@ -51,8 +51,12 @@ _NAMED_DEGENERATE = 3
 
 
 def degenerate_box(
-    x0: float, y0: float, x1: float, y1: float,
-    width: float | None = None, height: float | None = None,
+    x0: float,
+    y0: float,
+    x1: float,
+    y1: float,
+    width: float | None = None,
+    height: float | None = None,
 ) -> str | None:
     """Why an ``(x0, y0, x1, y1)`` box has no area inside its ``width`` x ``height`` image, or None.
 
@@ -153,7 +157,13 @@ def check_coco_dataset(
 
 def _json_type(value: object) -> str:
     """JSON's name for the type of a parsed value, for messages about wrong types."""
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+    }
     return names.get(type(value), "a number")
 
 
@@ -181,8 +191,10 @@ def _load_json(report: Report) -> dict[str, Any] | None:
         report.errors.append(f"{name}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}")
         return None
     if not isinstance(data, dict):
-        report.errors.append(f"{name}: top level is {_json_type(data)}, expected an object with "
-                             "'images', 'annotations' and 'categories' (not a COCO file)")
+        report.errors.append(
+            f"{name}: top level is {_json_type(data)}, expected an object with "
+            "'images', 'annotations' and 'categories' (not a COCO file)"
+        )
         return None
     for key in ("images", "annotations", "categories"):
         if key not in data:
@@ -195,9 +207,15 @@ def _load_json(report: Report) -> dict[str, Any] | None:
 class _Checker:
     """Runs the per-record checks of one loaded COCO dict, appending to one report."""
 
-    def __init__(self, report: Report, data: dict[str, Any], image_dir: Path,
-                 read_images: ReadImages, strict_boxes: bool,
-                 empty_images_note: str = EMPTY_IMAGES_NOTE):
+    def __init__(
+        self,
+        report: Report,
+        data: dict[str, Any],
+        image_dir: Path,
+        read_images: ReadImages,
+        strict_boxes: bool,
+        empty_images_note: str = EMPTY_IMAGES_NOTE,
+    ):
         self.report = report
         self.empty_images_note = empty_images_note
         self.data = data
@@ -219,12 +237,20 @@ class _Checker:
         self._check_categories()
         self._check_image_records()
         annotated = self._check_annotations()
-        empty = [record["file_name"] for image_id, (_, record) in self.images.items() if image_id not in annotated]
+        empty = [
+            record["file_name"]
+            for image_id, (_, record) in self.images.items()
+            if image_id not in annotated
+        ]
         if empty:
             examples = ", ".join(empty[:3]) + (", ..." if len(empty) > 3 else "")
-            self.report.warnings.append(f"{self.name}: {len(empty)} image(s) without annotations ({examples}); "
-                                        f"{self.empty_images_note}")
-        self.report.summary.update(images=len(self.data["images"]), images_without_annotations=len(empty))
+            self.report.warnings.append(
+                f"{self.name}: {len(empty)} image(s) without annotations ({examples}); "
+                f"{self.empty_images_note}"
+            )
+        self.report.summary.update(
+            images=len(self.data["images"]), images_without_annotations=len(empty)
+        )
         self._check_image_files()
 
     def _check_categories(self) -> None:
@@ -240,7 +266,9 @@ class _Checker:
                 self.error(f"{where}.name: expected a non-empty string, got {name!r}")
                 self.rejected_categories.add(cat_id)
             elif cat_id in self.categories:
-                self.error(f"{where}: duplicate category id {cat_id} ({self.categories[cat_id]!r} and {name!r})")
+                self.error(
+                    f"{where}: duplicate category id {cat_id} ({self.categories[cat_id]!r} and {name!r})"
+                )
             else:
                 self.categories[cat_id] = name
         if not self.data["categories"]:
@@ -248,8 +276,10 @@ class _Checker:
         ids = sorted(self.categories)
         if ids and ids != list(range(1, len(ids) + 1)):
             shown = ", ".join(map(str, ids[:10])) + (", ..." if len(ids) > 10 else "")
-            self.report.warnings.append(f"{self.name}: category ids are not 1..{len(ids)} ({shown}); "
-                                        "fine, detectron2 maps them to contiguous ids")
+            self.report.warnings.append(
+                f"{self.name}: category ids are not 1..{len(ids)} ({shown}); "
+                "fine, detectron2 maps them to contiguous ids"
+            )
 
     def _check_image_records(self) -> None:
         for i, image in enumerate(self.data["images"]):
@@ -265,11 +295,16 @@ class _Checker:
                 self.error(f"{where}.file_name: expected a non-empty string, got {file_name!r}")
                 self.rejected_images.add(image_id)
                 continue
-            bad_size = [k for k in ("width", "height") if not (_is_number(image.get(k)) and image[k] > 0
-                                                                and float(image[k]).is_integer())]
+            bad_size = [
+                k
+                for k in ("width", "height")
+                if not (_is_number(image.get(k)) and image[k] > 0 and float(image[k]).is_integer())
+            ]
             if bad_size:
                 key = bad_size[0]
-                self.error(f"{where}.{key} ({file_name}): expected a positive integer, got {image.get(key)!r}")
+                self.error(
+                    f"{where}.{key} ({file_name}): expected a positive integer, got {image.get(key)!r}"
+                )
                 self.rejected_images.add(image_id)
                 continue
             if image_id in self.images:
@@ -295,7 +330,9 @@ class _Checker:
                 self.error(f"{where}.id: expected an integer, got {ann_id!r}")
                 continue
             if ann_id in seen_ids:
-                self.error(f"{where}: duplicate annotation id {ann_id!r} (also annotations[{seen_ids[ann_id]}])")
+                self.error(
+                    f"{where}: duplicate annotation id {ann_id!r} (also annotations[{seen_ids[ann_id]}])"
+                )
                 continue
             seen_ids[ann_id] = i
             image_id = ann.get("image_id")
@@ -314,8 +351,10 @@ class _Checker:
                 self.error(f"{where}.category_id: unknown category id {category_id!r}")
                 continue
             if ann.get("ignore", 0) != 0:
-                self.error(f"{where}.ignore is {ann['ignore']!r}: detectron2 does not support 'ignore'; "
-                           "use iscrowd=1 to have COCO evaluation ignore a box")
+                self.error(
+                    f"{where}.ignore is {ann['ignore']!r}: detectron2 does not support 'ignore'; "
+                    "use iscrowd=1 to have COCO evaluation ignore a box"
+                )
                 continue
             box_state = self._check_box(ann.get("bbox"), where, image)
             if box_state == "bad":
@@ -328,13 +367,19 @@ class _Checker:
             annotated.add(image_id)
         self._report_degenerate()
         if outside:
-            self.report.warnings.append(f"{self.name}: {len(outside)} box(es) extend beyond their image, e.g. "
-                                        f"{outside[0]}; detectron2 clips them")
+            self.report.warnings.append(
+                f"{self.name}: {len(outside)} box(es) extend beyond their image, e.g. "
+                f"{outside[0]}; detectron2 clips them"
+            )
         if without_area:
-            self.report.warnings.append(f"{self.name}: {without_area} annotation(s) without 'area'; "
-                                        "COCO evaluation (pycocotools) needs it")
+            self.report.warnings.append(
+                f"{self.name}: {without_area} annotation(s) without 'area'; "
+                "COCO evaluation (pycocotools) needs it"
+            )
         self.report.summary["annotations"] = len(self.data["annotations"])
-        self.report.summary["categories"] = {self.categories[c]: per_category[c] for c in sorted(self.categories)}
+        self.report.summary["categories"] = {
+            self.categories[c]: per_category[c] for c in sorted(self.categories)
+        }
         return annotated
 
     def _report_degenerate(self) -> None:
@@ -348,14 +393,19 @@ class _Checker:
             more = len(self.degenerate) - _NAMED_DEGENERATE
             self.report.warnings.append(
                 f"{self.name}: {len(self.degenerate)} degenerate box(es) with no area inside their "
-                f"image, which training drops: {named}" + (f"; and {more} more" if more > 0 else "")
+                f"image, which training drops: {named}"
+                + (f"; and {more} more" if more > 0 else "")
                 + " (DATASETS.STRICT_BOXES True / dataset/check.py --strict refuse them)"
             )
 
-    def _check_box(self, bbox: object, where: str, image: dict[str, Any]) -> Literal["ok", "sticks out", "bad"]:
+    def _check_box(
+        self, bbox: object, where: str, image: dict[str, Any]
+    ) -> Literal["ok", "sticks out", "bad"]:
         """Check one ``[x, y, w, h]`` box against its image; records errors and degenerate boxes."""
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            self.error(f"{where}.bbox: expected [x, y, width, height] of finite numbers, got {bbox!r}")
+            self.error(
+                f"{where}.bbox: expected [x, y, width, height] of finite numbers, got {bbox!r}"
+            )
             return "bad"
         x, y, w, h = bbox
         width, height = image["width"], image["height"]
@@ -387,6 +437,12 @@ class _Checker:
                 continue
             expected = (int(image["width"]), int(image["height"]))
             if actual != expected:
-                hint = " (width and height swapped: EXIF orientation?)" if actual == expected[::-1] else ""
-                self.report.errors.append(f"{path}: the file is {actual[0]}x{actual[1]} but {self.name} says "
-                                          f"{expected[0]}x{expected[1]} {where}{hint}")
+                hint = (
+                    " (width and height swapped: EXIF orientation?)"
+                    if actual == expected[::-1]
+                    else ""
+                )
+                self.report.errors.append(
+                    f"{path}: the file is {actual[0]}x{actual[1]} but {self.name} says "
+                    f"{expected[0]}x{expected[1]} {where}{hint}"
+                )

@@ -18,7 +18,12 @@ from PIL import ExifTags, Image
 T = TypeVar("T")
 
 # What PIL raises for a missing, truncated, corrupt or absurdly large image file.
-IMAGE_ERRORS: tuple[type[Exception], ...] = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+IMAGE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+)
 
 # EXIF orientations 5-8 swap width and height (transpose and the 90°/270° rotations).
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})

@@ -17,6 +17,7 @@ temporary sibling directory and renames it into place, so an interrupted run nev
 ``manifest.json`` records the generator version and parameters so ``ensure_shapes_dataset`` regenerates
 only when they change.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,7 +80,12 @@ class Shape:
         if name == "circle":
             inside = ((px - cx) / (self.w / 2)) ** 2 + ((py - cy) / (self.h / 2)) ** 2 <= 1.0
         elif name == "square":
-            inside = (px >= self.x0) & (px <= self.x0 + self.w) & (py >= self.y0) & (py <= self.y0 + self.h)
+            inside = (
+                (px >= self.x0)
+                & (px <= self.x0 + self.w)
+                & (py >= self.y0)
+                & (py <= self.y0 + self.h)
+            )
         elif name == "triangle":
             depth = (py - self.y0) / self.h
             inside = (depth >= 0) & (depth <= 1) & (np.abs(px - cx) <= depth * self.w / 2)
@@ -95,8 +101,12 @@ class Shape:
         """COCO ``[x, y, w, h]`` of the rasterised pixels (see the module docstring for the convention)."""
         mask, c0, r0 = self.mask()
         cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
-        return (float(c0 + cols[0]), float(r0 + rows[0]),
-                float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1))
+        return (
+            float(c0 + cols[0]),
+            float(r0 + rows[0]),
+            float(cols[-1] - cols[0] + 1),
+            float(rows[-1] - rows[0] + 1),
+        )
 
 
 @dataclass(frozen=True)
@@ -126,15 +136,19 @@ def render_background(rng: np.random.Generator, image_size: tuple[int, int]) -> 
     height, width = image_size
     base = rng.uniform(40.0, 215.0, size=3).astype(np.float32)
     angle = rng.uniform(0.0, 2 * np.pi)
-    ramp = (np.cos(angle) * np.arange(width, dtype=np.float32)[None, :] / width
-            + np.sin(angle) * np.arange(height, dtype=np.float32)[:, None] / height)
+    ramp = (
+        np.cos(angle) * np.arange(width, dtype=np.float32)[None, :] / width
+        + np.sin(angle) * np.arange(height, dtype=np.float32)[:, None] / height
+    )
     slope = rng.uniform(-30.0, 30.0, size=3).astype(np.float32)
     grid_h, grid_w = (int(v) for v in rng.integers(3, 9, size=2))
     blotch_grid = rng.normal(0.0, 10.0, size=(grid_h, grid_w, 3)).astype(np.float32)
     rows = _interp_matrix(height, grid_h).astype(np.float32)
     cols = _interp_matrix(width, grid_w).astype(np.float32)
     amplitude = int(rng.integers(2, 9))
-    noise = rng.integers(-amplitude, amplitude + 1, size=(height, width), dtype=np.int16).astype(np.float32)
+    noise = rng.integers(-amplitude, amplitude + 1, size=(height, width), dtype=np.int16).astype(
+        np.float32
+    )
     image = np.empty((height, width, 3), dtype=np.float32)
     for c in range(3):
         image[..., c] = base[c] + slope[c] * ramp + rows @ blotch_grid[..., c] @ cols.T + noise
@@ -144,13 +158,20 @@ def render_background(rng: np.random.Generator, image_size: tuple[int, int]) -> 
 def _sample_shape(rng: np.random.Generator, image_size: tuple[int, int]) -> Shape:
     """Random class, log-uniform size (longer side) from MIN_OBJECT_SIZE to most of the image, mild aspect."""
     height, width = image_size
-    longest = np.exp(rng.uniform(np.log(MIN_OBJECT_SIZE), np.log(MAX_OBJECT_FRACTION * min(height, width))))
+    longest = np.exp(
+        rng.uniform(np.log(MIN_OBJECT_SIZE), np.log(MAX_OBJECT_FRACTION * min(height, width)))
+    )
     aspect = np.exp(rng.uniform(np.log(0.7), np.log(1.0 / 0.7)))
     w, h = (longest, longest / aspect) if aspect >= 1.0 else (longest * aspect, longest)
     w, h = max(w, MIN_OBJECT_SIZE), max(h, MIN_OBJECT_SIZE)
     category_id = int(rng.integers(1, len(CLASS_NAMES) + 1))
-    return Shape(category_id, float(rng.uniform(0.0, width - w)), float(rng.uniform(0.0, height - h)),
-                 float(w), float(h))
+    return Shape(
+        category_id,
+        float(rng.uniform(0.0, width - w)),
+        float(rng.uniform(0.0, height - h)),
+        float(w),
+        float(h),
+    )
 
 
 def _pick_colour(rng: np.random.Generator, under: np.ndarray) -> tuple[int, int, int] | None:
@@ -174,12 +195,15 @@ class _Canvas:
 
     def try_place(self, rng: np.random.Generator, shape: Shape) -> tuple[int, int, int] | None:
         """Draw ``shape`` on top if every earlier shape stays >= MIN_VISIBLE_FRACTION visible and a colour
-        contrasting with all covered pixels exists; returns that colour, or None (canvas unchanged)."""
+        contrasting with all covered pixels exists; returns that colour, or None (canvas unchanged).
+        """
         mask, c0, r0 = shape.mask()
         window = (slice(r0, r0 + mask.shape[0]), slice(c0, c0 + mask.shape[1]))
         covered = self.owner[window][mask]
         hidden = np.bincount(covered[covered >= 0], minlength=len(self.areas))
-        if any(v - h < MIN_VISIBLE_FRACTION * a for v, h, a in zip(self.visible, hidden, self.areas)):
+        if any(
+            v - h < MIN_VISIBLE_FRACTION * a for v, h, a in zip(self.visible, hidden, self.areas)
+        ):
             return None
         colour = _pick_colour(rng, self.image[window][mask])
         if colour is None:
@@ -191,8 +215,9 @@ class _Canvas:
         return colour
 
 
-def sample_image(seed: int, split: str, index: int, image_size: tuple[int, int],
-                 empty: bool) -> tuple[np.ndarray, list[PlacedShape]]:
+def sample_image(
+    seed: int, split: str, index: int, image_size: tuple[int, int], empty: bool
+) -> tuple[np.ndarray, list[PlacedShape]]:
     """Background and shapes (bottom to top) of one image; a pure function of its arguments.
 
     Shapes are placed largest first, so smaller ones may sit on bigger ones but never bury them.
@@ -201,8 +226,10 @@ def sample_image(seed: int, split: str, index: int, image_size: tuple[int, int],
     background = render_background(rng, image_size)
     if empty:
         return background, []
-    wanted = sorted((_sample_shape(rng, image_size) for _ in range(int(rng.integers(1, MAX_OBJECTS + 1)))),
-                    key=lambda s: -s.w * s.h)
+    wanted = sorted(
+        (_sample_shape(rng, image_size) for _ in range(int(rng.integers(1, MAX_OBJECTS + 1)))),
+        key=lambda s: -s.w * s.h,
+    )
     canvas = _Canvas(background)
     placed: list[PlacedShape] = []
     for shape in wanted:
@@ -211,8 +238,13 @@ def sample_image(seed: int, split: str, index: int, image_size: tuple[int, int],
             if colour is not None:
                 placed.append(PlacedShape(shape, colour))
                 break
-            shape = Shape(shape.category_id, float(rng.uniform(0.0, image_size[1] - shape.w)),
-                          float(rng.uniform(0.0, image_size[0] - shape.h)), shape.w, shape.h)
+            shape = Shape(
+                shape.category_id,
+                float(rng.uniform(0.0, image_size[1] - shape.w)),
+                float(rng.uniform(0.0, image_size[0] - shape.h)),
+                shape.w,
+                shape.h,
+            )
     return background, placed
 
 
@@ -221,7 +253,7 @@ def compose(background: np.ndarray, shapes: list[PlacedShape]) -> np.ndarray:
     image = background.copy()
     for placed in shapes:
         mask, c0, r0 = placed.shape.mask()
-        image[r0:r0 + mask.shape[0], c0:c0 + mask.shape[1]][mask] = placed.colour
+        image[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]][mask] = placed.colour
     return image
 
 
@@ -247,23 +279,31 @@ class ShapesParams:
                 raise ValueError(f"shapes dataset: {field} must be a positive int, got {value!r}")
         size = self.image_size
         if len(size) != 2 or any(not isinstance(v, int) or v < MIN_IMAGE_SIDE for v in size):
-            raise ValueError(f"shapes dataset: image_size must be two ints >= {MIN_IMAGE_SIDE} (H, W), got {size!r}")
+            raise ValueError(
+                f"shapes dataset: image_size must be two ints >= {MIN_IMAGE_SIDE} (H, W), got {size!r}"
+            )
         object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"shapes dataset: seed must be a non-negative int, got {self.seed!r}")
 
     def manifest(self) -> dict:
         """JSON-ready identity of a generation, compared by ``ensure_shapes_dataset``."""
-        return {"generator": "fcos-d2 shapes", "version": GENERATOR_VERSION,
-                "params": {**asdict(self), "image_size": list(self.image_size)}}
+        return {
+            "generator": "fcos-d2 shapes",
+            "version": GENERATOR_VERSION,
+            "params": {**asdict(self), "image_size": list(self.image_size)},
+        }
 
 
 def dataset_paths(root: str | Path) -> dict[str, Path]:
     """Where a generation under ``root`` keeps its files."""
     root = Path(root)
-    return {"root": root, "manifest": root / "manifest.json",
-            **{f"{split}_images": root / split for split in SPLITS},
-            **{f"{split}_json": root / "annotations" / f"instances_{split}.json" for split in SPLITS}}
+    return {
+        "root": root,
+        "manifest": root / "manifest.json",
+        **{f"{split}_images": root / split for split in SPLITS},
+        **{f"{split}_json": root / "annotations" / f"instances_{split}.json" for split in SPLITS},
+    }
 
 
 def _write_split(out_dir: Path, split: str, params: ShapesParams) -> dict:
@@ -274,20 +314,40 @@ def _write_split(out_dir: Path, split: str, params: ShapesParams) -> dict:
     images, annotations = [], []
     (out_dir / split).mkdir(parents=True)
     for index in range(num_images):
-        background, shapes = sample_image(params.seed, split, index, params.image_size, index in empties)
+        background, shapes = sample_image(
+            params.seed, split, index, params.image_size, index in empties
+        )
         file_name = f"{index:06d}.jpg"
-        Image.fromarray(compose(background, shapes)).save(out_dir / split / file_name, **JPEG_OPTIONS)
+        Image.fromarray(compose(background, shapes)).save(
+            out_dir / split / file_name, **JPEG_OPTIONS
+        )
         image_id = index + 1
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
         for placed in shapes:
             mask, _, _ = placed.shape.mask()
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "category_id": placed.shape.category_id,
-                                "bbox": list(placed.shape.tight_box()), "area": float(mask.sum()),
-                                "iscrowd": 0})
-    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)]
-    return {"info": {"description": f"fcos-d2 synthetic shapes ({split})", "version": str(GENERATOR_VERSION)},
-            "licenses": [], "images": images, "annotations": annotations, "categories": categories}
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": placed.shape.category_id,
+                    "bbox": list(placed.shape.tight_box()),
+                    "area": float(mask.sum()),
+                    "iscrowd": 0,
+                }
+            )
+    categories = [
+        {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)
+    ]
+    return {
+        "info": {
+            "description": f"fcos-d2 synthetic shapes ({split})",
+            "version": str(GENERATOR_VERSION),
+        },
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
 
 
 def _dump_json(data: dict, path: Path) -> None:
@@ -332,9 +392,13 @@ def _is_current(root: Path, params: ShapesParams) -> bool:
     return manifest == params.manifest() and all(paths[f"{s}_json"].is_file() for s in SPLITS)
 
 
-def generate_shapes_dataset(root: str | Path = DEFAULT_ROOT, num_train: int = DEFAULT_NUM_TRAIN,
-                            num_val: int = DEFAULT_NUM_VAL,
-                            image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, seed: int = 0) -> dict[str, Path]:
+def generate_shapes_dataset(
+    root: str | Path = DEFAULT_ROOT,
+    num_train: int = DEFAULT_NUM_TRAIN,
+    num_val: int = DEFAULT_NUM_VAL,
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+    seed: int = 0,
+) -> dict[str, Path]:
     """(Re)generate the dataset under ``root`` unconditionally; returns the paths of ``dataset_paths``."""
     params = ShapesParams(num_train, num_val, tuple(image_size), seed)
     root = Path(root).resolve()
@@ -342,9 +406,13 @@ def generate_shapes_dataset(root: str | Path = DEFAULT_ROOT, num_train: int = DE
         return _generate_unlocked(root, params)
 
 
-def ensure_shapes_dataset(root: str | Path = DEFAULT_ROOT, num_train: int = DEFAULT_NUM_TRAIN,
-                          num_val: int = DEFAULT_NUM_VAL,
-                          image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, seed: int = 0) -> dict[str, Path]:
+def ensure_shapes_dataset(
+    root: str | Path = DEFAULT_ROOT,
+    num_train: int = DEFAULT_NUM_TRAIN,
+    num_val: int = DEFAULT_NUM_VAL,
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+    seed: int = 0,
+) -> dict[str, Path]:
     """Generate only if ``root`` lacks a complete dataset of this generator version and these parameters."""
     params = ShapesParams(num_train, num_val, tuple(image_size), seed)
     root = Path(root).resolve()
@@ -354,7 +422,9 @@ def ensure_shapes_dataset(root: str | Path = DEFAULT_ROOT, num_train: int = DEFA
         return _generate_unlocked(root, params)
 
 
-def register_shapes_datasets(root: str | Path = DEFAULT_ROOT, prefix: str = "shapes") -> tuple[str, str]:
+def register_shapes_datasets(
+    root: str | Path = DEFAULT_ROOT, prefix: str = "shapes"
+) -> tuple[str, str]:
     """Register ``{prefix}_train`` / ``{prefix}_val`` with detectron2; safe to call again.
 
     Re-registering with the same files is a no-op; with other files the old entries are replaced, so
@@ -371,15 +441,21 @@ def register_shapes_datasets(root: str | Path = DEFAULT_ROOT, prefix: str = "sha
         try:
             categories = json.loads(json_file.read_text(encoding="utf-8"))["categories"]
         except (OSError, ValueError, KeyError) as err:
-            raise ValueError(f"{json_file}: cannot read 'categories' ({err}); generate the dataset first") from err
+            raise ValueError(
+                f"{json_file}: cannot read 'categories' ({err}); generate the dataset first"
+            ) from err
         name = f"{prefix}_{split}"
         names.append(name)
         if name in DatasetCatalog.list():
             meta = MetadataCatalog.get(name)
-            if meta.get("json_file") == str(json_file) and meta.get("image_root") == str(image_root):
+            if meta.get("json_file") == str(json_file) and meta.get("image_root") == str(
+                image_root
+            ):
                 continue
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
         thing_classes = [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
-        register_coco_instances(name, {"thing_classes": thing_classes}, str(json_file), str(image_root))
+        register_coco_instances(
+            name, {"thing_classes": thing_classes}, str(json_file), str(image_root)
+        )
     return names[0], names[1]

@@ -118,7 +118,9 @@ def read_lines(path: str | Path, what: str) -> list[str]:
     except OSError as e:
         raise DatasetError(f"{path}: cannot read the {what}: {e.strerror or e}") from e
     except UnicodeDecodeError as e:
-        raise DatasetError(f"{path}: the {what} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+        raise DatasetError(
+            f"{path}: the {what} is not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from e
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -197,7 +199,9 @@ def _file_name(root: ET.Element, path: str, image_ext: str) -> str:
     return name if PurePosixPath(name).suffix else name + image_ext
 
 
-def _image_size(root: ET.Element, path: str, file_name: str, image_dir: str | Path | None) -> tuple[int, int]:
+def _image_size(
+    root: ET.Element, path: str, file_name: str, image_dir: str | Path | None
+) -> tuple[int, int]:
     size = root.find("size")
     if size is None:
         reason = "<size> missing"
@@ -239,7 +243,9 @@ def _parse_object(element: ET.Element, index: int, path: str) -> VocObject:
     bndbox = element.find("bndbox")
     if bndbox is None:
         raise _SkipFile(f"{where}/<bndbox> missing")
-    xmin, ymin, xmax, ymax = (_coordinate(bndbox, tag, where) for tag in ("xmin", "ymin", "xmax", "ymax"))
+    xmin, ymin, xmax, ymax = (
+        _coordinate(bndbox, tag, where) for tag in ("xmin", "ymin", "xmax", "ymax")
+    )
     for low, high, lo_tag, hi_tag in ((xmin, xmax, "xmin", "xmax"), (ymin, ymax, "ymin", "ymax")):
         if high < low:
             raise _SkipFile(f"{where}/<bndbox>/<{hi_tag}> ({high:g}) < <{lo_tag}> ({low:g})")
@@ -317,7 +323,11 @@ def convert(
             continue
         owner_of_file[image.file_name] = image.xml_path
         images.append(image)
-    label_list = list(labels) if labels is not None else sorted({o.name for im in images for o in im.objects})
+    label_list = (
+        list(labels)
+        if labels is not None
+        else sorted({o.name for im in images for o in im.objects})
+    )
     coco = _build_coco(images, label_list, difficult, stats, problems)
     # Label and clipping problems are found after parsing; report everything in input file order.
     file_order = {str(p): i for i, p in enumerate(xml_paths)}
@@ -341,7 +351,14 @@ def _build_coco(
     coco_images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for image_id, image in enumerate(images, 1):
-        coco_images.append({"id": image_id, "file_name": image.file_name, "width": image.width, "height": image.height})
+        coco_images.append(
+            {
+                "id": image_id,
+                "file_name": image.file_name,
+                "width": image.width,
+                "height": image.height,
+            }
+        )
         for obj in image.objects:
             where = f"{image.xml_path}: <object>[{obj.index}]"
             if obj.name not in category_of:
@@ -373,12 +390,16 @@ def _build_coco(
     stats.boxes = len(annotations)
     return {
         # pycocotools 2.0.9/2.0.10 copy "info" in COCO.loadRes and fail when it is missing.
-        "info": {"description": "Pascal VOC annotations converted by fcos-d2 dataset/voc2coco.py",
-                 "difficult_objects": difficult},
+        "info": {
+            "description": "Pascal VOC annotations converted by fcos-d2 dataset/voc2coco.py",
+            "difficult_objects": difficult,
+        },
         "licenses": [],
         "images": coco_images,
         "annotations": annotations,
-        "categories": [{"id": i, "name": name, "supercategory": "none"} for i, name in enumerate(labels, 1)],
+        "categories": [
+            {"id": i, "name": name, "supercategory": "none"} for i, name in enumerate(labels, 1)
+        ],
     }
 
 
@@ -387,7 +408,9 @@ def summary_table(result: Conversion) -> str:
     stats = result.stats
     rows: list[tuple[str, int]] = [("images", stats.images), ("boxes", stats.boxes)]
     rows += [(f"  {name}", stats.boxes_per_class[name]) for name in result.labels]
-    handled = {"keep": "kept as boxes", "crowd": "written as iscrowd", "skip": "left out"}[result.difficult]
+    handled = {"keep": "kept as boxes", "crowd": "written as iscrowd", "skip": "left out"}[
+        result.difficult
+    ]
     rows += [
         (f"difficult objects ({handled})", stats.difficult),
         ("boxes clipped to the image", stats.clipped),

@@ -7,6 +7,7 @@ argparse does for a bad flag; a training run that diverged (NaN/Inf) exits with 
 exception is a bug and keeps its traceback. ``FCOS_DEBUG=1`` prints the traceback of the handled
 errors as well, and keeps it in the training log (:func:`quiet_expected_errors`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,15 @@ from .launch import LaunchError
 
 DEBUG_ENV = "FCOS_DEBUG"
 USER_ERRORS: Tuple[Type[BaseException], ...] = (
-    SetupError, DatasetError, FCOSConfigError, LaunchError, CheckpointMismatchError,
-    UnknownLayoutError, UnsafeCheckpointError, CorruptCheckpointError, ResumeError,
+    SetupError,
+    DatasetError,
+    FCOSConfigError,
+    LaunchError,
+    CheckpointMismatchError,
+    UnknownLayoutError,
+    UnsafeCheckpointError,
+    CorruptCheckpointError,
+    ResumeError,
 )
 RUN_FAILURES: Tuple[Type[BaseException], ...] = (NonFiniteLossError,)
 EXPECTED_ERRORS = USER_ERRORS + RUN_FAILURES

@@ -8,6 +8,7 @@ have the slow one. faster-coco-eval ships the same C++ algorithm as wheels for L
 with numpy as its only dependency, and its summary statistics equal pycocotools'
 (``tests/test_coco_eval.py``), so it stands in for ``COCOeval_opt`` there.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,7 +87,8 @@ class COCOEvaluator(_DetectronCOCOEvaluator):
         if fast_cocoeval is not None and not _can_substitute_fast_cocoeval(self):
             self._logger.warning(
                 "This detectron2 does not pick its fast COCOeval through COCOeval_opt; "
-                "%s is not used.", implementation_name(fast_cocoeval)
+                "%s is not used.",
+                implementation_name(fast_cocoeval),
             )
             fast_cocoeval = None
         self.fast_cocoeval = fast_cocoeval
@@ -126,6 +128,9 @@ def build_evaluator(dataset_name: str, output_dir: str, detectron2_fast: bool) -
             FASTER_COCO_EVAL_HINT,
         )
     return COCOEvaluator(
-        dataset_name, tasks=("bbox",), output_dir=output_dir, use_fast_impl=detectron2_fast,
+        dataset_name,
+        tasks=("bbox",),
+        output_dir=output_dir,
+        use_fast_impl=detectron2_fast,
         fast_cocoeval=fast_cocoeval,
     )

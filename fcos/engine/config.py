@@ -11,6 +11,7 @@ overrides: the merge is detectron2's (``_BASE_`` chains, version upgrade, yacs t
 each error it can raise becomes one line naming the file (the one in the ``_BASE_`` chain that holds
 the key) or the command line, the key, and for a typo the closest existing keys.
 """
+
 from __future__ import annotations
 
 import difflib

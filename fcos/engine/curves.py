@@ -3,6 +3,7 @@
 ``metrics.json`` (detectron2's JSONWriter, appended across ``--resume``) is the only complete record of a
 run that was interrupted and resumed, so the plot reads it rather than the in-memory history.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,7 +63,9 @@ def _series(by_iter: Dict[int, Dict[str, float]], keys: List[str]) -> Series:
     return {k: [(i, m[k]) for i, m in sorted(by_iter.items()) if k in m] for k in keys}
 
 
-def plot_training_curves(metrics_path: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> bool:
+def plot_training_curves(
+    metrics_path: str | os.PathLike[str], out_path: str | os.PathLike[str]
+) -> bool:
     """Draw losses, lr and AP from ``metrics_path`` into ``out_path`` (written atomically).
 
     Returns False, writing nothing, when the file has no training metrics yet.
@@ -74,12 +77,17 @@ def plot_training_curves(metrics_path: str | os.PathLike[str], out_path: str | o
     loss_keys = [k for k in names if k.startswith("loss") or k == "total_loss"]
     if not loss_keys:
         return False
-    panels = [("loss", _series(by_iter, loss_keys), True), ("learning rate", _series(by_iter, ["lr"]), False)]
+    panels = [
+        ("loss", _series(by_iter, loss_keys), True),
+        ("learning rate", _series(by_iter, ["lr"]), False),
+    ]
     ap = {k: v for k, v in _series(by_iter, list(AP_KEYS)).items() if v}
     if ap:
         panels.append(("box AP (val)", ap, False))
 
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3 * len(panels)), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(8, 3 * len(panels)), sharex=True, squeeze=False
+    )
     for ax, (title, series, log_scale) in zip(axes[:, 0], panels):
         for name, points in series.items():
             if points:

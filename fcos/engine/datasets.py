@@ -10,6 +10,7 @@ Three sources, all ending as names in ``DATASETS.TRAIN``/``DATASETS.TEST``:
 ``MODEL.FCOS.NUM_CLASSES`` follows the datasets' categories unless the user set it; a mismatch is the most
 common FCOS mistake (it trains, then evaluates garbage), so it is an error here, before any iteration.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,22 +66,30 @@ def custom_datasets_from_args(
             )
         pairs.append(None if ann_file is None else CustomDataset(name, ann_file, image_dir))
     if pairs[0] is not None and pairs[1] is not None and pairs[0].name == pairs[1].name:
-        raise SetupError(f"--name_train and --name_val are both {pairs[0].name!r}; give them different names")
+        raise SetupError(
+            f"--name_train and --name_val are both {pairs[0].name!r}; give them different names"
+        )
     return pairs[0], pairs[1]
 
 
 def empty_images_note(split: str, filter_empty: bool) -> str:
     """What this run does with a dataset's images without annotations, for the checker's warning."""
     if split == "val":
-        return ("they are evaluated as images without objects "
-                "(every detection on them is a false positive)")
+        return (
+            "they are evaluated as images without objects "
+            "(every detection on them is a false positive)"
+        )
     if filter_empty:
-        return ("they are dropped from training (DATALOADER.FILTER_EMPTY_ANNOTATIONS is True); "
-                "set it False to train on them as images without objects")
+        return (
+            "they are dropped from training (DATALOADER.FILTER_EMPTY_ANNOTATIONS is True); "
+            "set it False to train on them as images without objects"
+        )
     return "they train as images without objects (DATALOADER.FILTER_EMPTY_ANNOTATIONS is False)"
 
 
-def check_custom_dataset(dataset: CustomDataset, empty_note: str, strict_boxes: bool = False) -> None:
+def check_custom_dataset(
+    dataset: CustomDataset, empty_note: str, strict_boxes: bool = False
+) -> None:
     """Run the dataset checker (image headers only: fast) and turn its errors into one exception.
 
     Catches non-COCO JSON, missing/unreadable images and unknown category ids before minutes of
@@ -109,7 +118,9 @@ def register_custom_dataset(dataset: CustomDataset) -> None:
             f"dataset name {dataset.name!r} is already registered (for {meta.get('json_file')}); "
             "choose another --name_train/--name_val"
         )
-    register_coco_instances(dataset.name, {"thing_classes": coco_category_names(ann_file)}, ann_file, image_dir)
+    register_coco_instances(
+        dataset.name, {"thing_classes": coco_category_names(ann_file)}, ann_file, image_dir
+    )
 
 
 def use_custom_datasets(
@@ -131,7 +142,9 @@ def use_custom_datasets(
     if train is not None:
         cfg.DATASETS.TRAIN = (train.name,)
         if val is None:
-            logger.warning("--ann_file_train without --ann_file_val: no evaluation (DATASETS.TEST is empty)")
+            logger.warning(
+                "--ann_file_train without --ann_file_val: no evaluation (DATASETS.TEST is empty)"
+            )
             cfg.DATASETS.TEST = ()
     if val is not None:
         cfg.DATASETS.TEST = (val.name,)
@@ -150,7 +163,9 @@ def prepare_shapes(cfg: CfgNode) -> None:
     """
     sc = cfg.DATASETS.SHAPES
     root = sc.ROOT or shapes.DEFAULT_ROOT
-    logger.info(f"Embedded shapes dataset in {root} (generated on first use, or when DATASETS.SHAPES changes)")
+    logger.info(
+        f"Embedded shapes dataset in {root} (generated on first use, or when DATASETS.SHAPES changes)"
+    )
     shapes.ensure_shapes_dataset(root, sc.NUM_TRAIN, sc.NUM_VAL, tuple(sc.IMAGE_SIZE), sc.SEED)
     shapes.register_shapes_datasets(root)
 
@@ -182,7 +197,9 @@ def check_datasets_exist(names: Iterable[str], config_key: str) -> None:
             path = meta.get(field)
             if path is not None and not is_ok(path):
                 hint = _datasets_root_hint() if name.startswith("coco_") else "check the path"
-                raise SetupError(f"{config_key}: dataset {name!r} needs {path}, which does not exist. {hint}")
+                raise SetupError(
+                    f"{config_key}: dataset {name!r} needs {path}, which does not exist. {hint}"
+                )
 
 
 def dataset_classes(name: str) -> Optional[List[str]]:
@@ -282,8 +299,12 @@ def _dataset_size_stats(names: Sequence[str]) -> Optional[SizeStats]:
                 parts.append(size_stats(json.load(f)))
     if not parts:
         return None
-    return SizeStats(*(np.concatenate([getattr(p, k) for p in parts]) for k in
-                       ("short_sides", "long_sides", "box_sides", "box_image_shorts")))
+    return SizeStats(
+        *(
+            np.concatenate([getattr(p, k) for p in parts])
+            for k in ("short_sides", "long_sides", "box_sides", "box_image_shorts")
+        )
+    )
 
 
 def apply_sizes_from_data(cfg: CfgNode, names: Sequence[str], opts: Sequence[str]) -> None:
@@ -315,6 +336,5 @@ def apply_sizes_from_data(cfg: CfgNode, names: Sequence[str], opts: Sequence[str
     logger.info(
         f"INPUT.SIZES_FROM_DATA, from {list(names)} (median image shorter side "
         f"{np.median(stats.short_sides):.0f} px; objects per level of strides {strides}: "
-        f"{shares}): "
-        + ", ".join(f"{k} {v}" for k, v in chosen.items())
+        f"{shares}): " + ", ".join(f"{k} {v}" for k, v in chosen.items())
     )

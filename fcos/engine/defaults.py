@@ -7,6 +7,7 @@ back to the CPU; and an inference model loads every tensor of ``MODEL.WEIGHTS`` 
 ``FCOSCheckpointer``, with one clear error when the file is missing or does not hold a complete
 model (the checkpoint errors are mapped to one line by ``fcos.engine.cli``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,10 +20,10 @@ from detectron2.modeling import build_model
 from torch import nn
 
 from fcos.checkpoint import FCOSCheckpointer, LoadReport, check_weights_file
+from fcos.config import FCOSConfigError
 from fcos.data import shapes
 from fcos.data.common import coco_category_names
 from fcos.precision import resolve_precision
-from fcos.config import FCOSConfigError
 
 from .config import SetupError, get_fcos_cfg, merge_config
 from .datasets import num_classes_set_explicitly
@@ -35,7 +36,9 @@ WEIGHTS_HELP = "pretrained_weights/README.md"
 def resolve_device(cfg: CfgNode) -> None:
     """A CUDA ``MODEL.DEVICE`` on a machine without CUDA becomes the CPU, with a warning (cfg unfrozen)."""
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available: using the CPU")
+        logger.warning(
+            f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available: using the CPU"
+        )
         cfg.MODEL.DEVICE = "cpu"
 
 
@@ -118,7 +121,9 @@ class _InferenceCheckpointer(FCOSCheckpointer):
             if report.missing:
                 reasons.append(f"missing from the checkpoint: {', '.join(missing)}")
             raise SetupError(
-                "MODEL.WEIGHTS does not hold a complete model for this config (" + "; ".join(reasons) + "). "
+                "MODEL.WEIGHTS does not hold a complete model for this config ("
+                + "; ".join(reasons)
+                + "). "
                 "Use the config the model was trained with (OUTPUT_DIR/config.yaml), or set "
                 "MODEL.FCOS.NUM_CLASSES to the checkpoint's class count"
             )
@@ -143,6 +148,8 @@ def build_inference_model(cfg: CfgNode) -> nn.Module:
     """The config's model with all of ``MODEL.WEIGHTS`` loaded, in eval mode (no TTA wrapper)."""
     check_weights(cfg)
     model = build_model(cfg)
-    checkpointer = _InferenceCheckpointer(model, allow_unsafe_pickle=cfg.CHECKPOINT.ALLOW_UNSAFE_PICKLE)
+    checkpointer = _InferenceCheckpointer(
+        model, allow_unsafe_pickle=cfg.CHECKPOINT.ALLOW_UNSAFE_PICKLE
+    )
     checkpointer.load(cfg.MODEL.WEIGHTS)
     return model.eval()

@@ -4,6 +4,7 @@ detectron2's fast COCOeval lives in its C++ extension; the install used here has
 (``detectron2._C`` is a stub), so the evaluator runs faster-coco-eval's COCOeval then
 (``coco_backend.py``).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -31,7 +32,9 @@ def build_coco_evaluator(dataset_name: str, output_dir: str) -> COCOEvaluator:
     return build_evaluator(dataset_name, output_dir, detectron2_fast=has_fast_coco_eval())
 
 
-def _metric_tables(results: Mapping[str, object], label: str = "") -> List[Tuple[str, Mapping[str, float]]]:
+def _metric_tables(
+    results: Mapping[str, object], label: str = ""
+) -> List[Tuple[str, Mapping[str, float]]]:
     """(label, metrics) for every COCO metrics dict nested in ``results``, labelled by its key path."""
     if "AP" in results:
         return [(label, results)]  # type: ignore[list-item]
@@ -55,4 +58,10 @@ def format_ap_table(results: Mapping[str, object]) -> str:
         rows.append([label] + ["-" if math.isnan(v) else f"{v:.2f}" for v in values])
     if not rows:
         return "no box AP results (DATASETS.TEST is empty?)"
-    return tabulate(rows, headers=["evaluation"] + list(TABLE_METRICS), tablefmt="pipe", stralign="right", disable_numparse=True)
+    return tabulate(
+        rows,
+        headers=["evaluation"] + list(TABLE_METRICS),
+        tablefmt="pipe",
+        stralign="right",
+        disable_numparse=True,
+    )

@@ -10,6 +10,7 @@
 * :class:`FiniteLossAMPTrainer` is the mixed-precision step on CPU and CUDA (detectron2's
   ``AMPTrainer`` asserts CUDA, in 0.6 and main).
 """
+
 from __future__ import annotations
 
 import logging

@@ -10,6 +10,7 @@ An exception in a worker process reaches the launching process as the exception 
 be pickled), chained to torch's ``ProcessRaisedException`` that carries the worker's traceback text,
 so the command line reports a worker's bad input or divergence the same way as in a one-process run.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +32,7 @@ class LaunchError(ValueError):
 
 
 def choose_backend(device: str, processes_per_machine: int) -> str:
-    """"nccl" for a CUDA ``MODEL.DEVICE`` (one GPU per process), "gloo" for the CPU.
+    """ "nccl" for a CUDA ``MODEL.DEVICE`` (one GPU per process), "gloo" for the CPU.
 
     torch builds without NCCL (all Windows builds) use gloo for the GPUs too: it all-reduces CUDA
     tensors, which is what DDP needs. Too few GPUs for a CUDA run is an error, not a silent CPU run.
@@ -64,14 +65,18 @@ def launch(
     config's ``MODEL.DEVICE``: it decides between NCCL (cuda) and gloo (cpu).
     """
     if num_gpus_per_machine < 1 or num_machines < 1:
-        raise LaunchError(f"--num-gpus ({num_gpus_per_machine}) and --num-machines ({num_machines}) must be >= 1")
+        raise LaunchError(
+            f"--num-gpus ({num_gpus_per_machine}) and --num-machines ({num_machines}) must be >= 1"
+        )
     world_size = num_machines * num_gpus_per_machine
     if world_size == 1:
         main_func(*args)
         return
     if dist_url == "auto":
         if num_machines != 1:
-            raise LaunchError("--dist-url auto only works on one machine; give tcp://<machine 0 address>:<port>")
+            raise LaunchError(
+                "--dist-url auto only works on one machine; give tcp://<machine 0 address>:<port>"
+            )
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
     backend = choose_backend(device, num_gpus_per_machine)
     errors = mp.get_context("spawn").SimpleQueue()
@@ -79,8 +84,18 @@ def launch(
         mp.spawn(
             _distributed_worker,
             nprocs=num_gpus_per_machine,
-            args=(main_func, backend, device.startswith("cuda"), world_size, num_gpus_per_machine,
-                  machine_rank, dist_url, tuple(args), timeout, errors),
+            args=(
+                main_func,
+                backend,
+                device.startswith("cuda"),
+                world_size,
+                num_gpus_per_machine,
+                machine_rank,
+                dist_url,
+                tuple(args),
+                timeout,
+                errors,
+            ),
             daemon=False,
         )
     except mp.ProcessRaisedException as failure:
@@ -120,10 +135,16 @@ def _distributed_worker(
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_gpus_per_machine))
     try:
         dist.init_process_group(
-            backend=backend, init_method=dist_url, world_size=world_size, rank=global_rank, timeout=timeout
+            backend=backend,
+            init_method=dist_url,
+            world_size=world_size,
+            rank=global_rank,
+            timeout=timeout,
         )
     except Exception:
-        logger.error(f"Process group URL: {dist_url} (backend {backend}, rank {global_rank}/{world_size})")
+        logger.error(
+            f"Process group URL: {dist_url} (backend {backend}, rank {global_rank}/{world_size})"
+        )
         raise
     num_machines = world_size // num_gpus_per_machine
     for i in range(num_machines):

@@ -8,6 +8,7 @@ degenerate boxes dropped with a count, the training-curve PNG, COCO evaluation w
 atomic checkpoints (FCOSCheckpointer), FCOS's own test-time augmentation (FCOSWithTTA), and
 ``SOLVER.AMP`` on CPU as well as CUDA, with the dtype chosen by ``SOLVER.AMP.PRECISION``.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -109,9 +110,14 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
             weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
         )
         return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
-            params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS), weight_decay=cfg.SOLVER.WEIGHT_DECAY
+            params,
+            lr=cfg.SOLVER.BASE_LR,
+            betas=tuple(cfg.SOLVER.BETAS),
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         )
-    raise ValueError(f"SOLVER.OPTIMIZER: unknown optimizer {cfg.SOLVER.OPTIMIZER!r}; choose one of {list(OPTIMIZERS)}")
+    raise ValueError(
+        f"SOLVER.OPTIMIZER: unknown optimizer {cfg.SOLVER.OPTIMIZER!r}; choose one of {list(OPTIMIZERS)}"
+    )
 
 
 def training_precision(cfg: CfgNode) -> Precision:
@@ -175,7 +181,9 @@ class FCOSTrainer(DefaultTrainer):
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:
-            logger.warning("The checkpoint has no optimizer state (written by plain detectron2?): it starts fresh")
+            logger.warning(
+                "The checkpoint has no optimizer state (written by plain detectron2?): it starts fresh"
+            )
 
     def build_hooks(self) -> List[hooks.HookBase]:
         """detectron2's hooks, buffer sync before the first checkpoint/eval hook, curves last."""
@@ -204,7 +212,9 @@ class FCOSTrainer(DefaultTrainer):
         return build_detection_train_loader(cfg, dataset=dataset)
 
     @classmethod
-    def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> DatasetEvaluator:
+    def build_evaluator(
+        cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None
+    ) -> DatasetEvaluator:
         return build_coco_evaluator(dataset_name, output_folder or f"{cfg.OUTPUT_DIR}/inference")
 
     @classmethod
@@ -212,6 +222,9 @@ class FCOSTrainer(DefaultTrainer):
         """Evaluate with test-time augmentation (``TEST.AUG``); metric names get a ``_TTA`` suffix."""
         logger.info("Running inference with test-time augmentation ...")
         tta_model = FCOSWithTTA(cfg, model)
-        evaluators = [cls.build_evaluator(cfg, name, f"{cfg.OUTPUT_DIR}/inference_TTA") for name in cfg.DATASETS.TEST]
+        evaluators = [
+            cls.build_evaluator(cfg, name, f"{cfg.OUTPUT_DIR}/inference_TTA")
+            for name in cfg.DATASETS.TEST
+        ]
         results = cls.test(cfg, tta_model, evaluators)
         return OrderedDict((k + "_TTA", v) for k, v in results.items())
