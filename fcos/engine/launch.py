@@ -156,6 +156,10 @@ def _distributed_worker(
     comm.synchronize()
     try:
         main_func(*args)
+        # Tear down together: a process that destroys its group while another still runs its last
+        # collectives or main-process-only work can abort the other's gloo threads (seen as
+        # "terminate called without an active exception" on detectron2 main).
+        comm.synchronize()
     except Exception as error:
         try:
             errors.put(error)
