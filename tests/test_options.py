@@ -15,7 +15,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 from model_utils import batch, small_cfg
-from train_helpers import ap_rows, run_train_net, shapes_run
+from train_helpers import OPTIONS_OPTS, ap_rows, run_train_net, shapes_run
 
 from fcos import FCOSConfigError
 from fcos.deform_conv import ModulatedDeformConv2d
@@ -153,20 +153,7 @@ def test_all_options_train_and_evaluate_with_train_net(tmp_path: Path) -> None:
         shapes_run(
             tmp_path,
             out,
-            "MODEL.RESNETS.OUT_FEATURES",
-            "['res2', 'res3', 'res4']",
-            "MODEL.FPN.IN_FEATURES",
-            "['res2', 'res3', 'res4']",
-            "MODEL.FCOS.IN_FEATURES",
-            "['p2', 'p3', 'p4']",
-            "MODEL.FCOS.FPN_STRIDES",
-            "[4, 8, 16]",
-            "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST",
-            "[[-1, 16], [16, 32], [32, 100000]]",
-            "MODEL.FCOS.BOX_QUALITY",
-            "iou",
-            "MODEL.FCOS.USE_DCN_IN_TOWER",
-            "True",
+            *OPTIONS_OPTS,
             "MODEL.FCOS.SCORE_THRESH_TEST",
             "0.001",
             "SOLVER.MAX_ITER",

@@ -12,7 +12,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils import comm
 from model_utils import instances
-from train_helpers import SHAPES_CONFIG, TINY_OPTS
+from train_helpers import OPTIONS_OPTS, SHAPES_CONFIG, TINY_OPTS
 
 from fcos.engine.config import get_fcos_cfg
 from fcos.engine.launch import launch
@@ -121,22 +121,6 @@ def test_plain_bn_head_differs_across_processes(two_process_losses, one_process_
     )
 
 
-OPTIONS_OPTS = [
-    "MODEL.RESNETS.OUT_FEATURES",
-    "['res2', 'res3', 'res4']",
-    "MODEL.FPN.IN_FEATURES",
-    "['res2', 'res3', 'res4']",
-    "MODEL.FCOS.IN_FEATURES",
-    "['p2', 'p3', 'p4']",
-    "MODEL.FCOS.FPN_STRIDES",
-    "[4, 8, 16]",
-    "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST",
-    "[[-1, 16], [16, 32], [32, 100000]]",
-    "MODEL.FCOS.BOX_QUALITY",
-    "iou",
-    "MODEL.FCOS.USE_DCN_IN_TOWER",
-    "True",
-]
 
 
 def _options_ddp_worker(result_file: str) -> None:

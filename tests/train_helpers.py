@@ -162,3 +162,23 @@ def run_train_net(
         text=True,
         timeout=timeout,
     )
+
+
+# IoU quality, a deformable tower and a P2 level (res2-res4), all together: the options of
+# docs/MODEL.md in one config (tiny-config overrides for train_net.py and merge_from_list).
+OPTIONS_OPTS = [
+    "MODEL.RESNETS.OUT_FEATURES",
+    "['res2', 'res3', 'res4']",
+    "MODEL.FPN.IN_FEATURES",
+    "['res2', 'res3', 'res4']",
+    "MODEL.FCOS.IN_FEATURES",
+    "['p2', 'p3', 'p4']",
+    "MODEL.FCOS.FPN_STRIDES",
+    "[4, 8, 16]",
+    "MODEL.FCOS.OBJECT_SIZES_OF_INTEREST",
+    "[[-1, 16], [16, 32], [32, 100000]]",
+    "MODEL.FCOS.BOX_QUALITY",
+    "iou",
+    "MODEL.FCOS.USE_DCN_IN_TOWER",
+    "True",
+]
