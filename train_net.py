@@ -56,6 +56,7 @@ from fcos.engine.datasets import (  # noqa: E402
 from fcos.engine.defaults import check_precision_config, resolve_device  # noqa: E402
 from fcos.engine.evaluation import format_ap_table  # noqa: E402
 from fcos.engine.launch import launch  # noqa: E402
+from fcos.engine.schedule import apply_epochs  # noqa: E402
 from fcos.engine.trainer import FCOSTrainer  # noqa: E402
 from fcos.file_io import copy_file_atomic  # noqa: E402
 
@@ -117,6 +118,8 @@ def setup_config(args: argparse.Namespace, world_size: int) -> CfgNode:
     resolve_num_classes(cfg, names, explicit=num_classes_set_explicitly(cfg, args.opts))
     size_source = cfg.DATASETS.TEST if args.eval_only else cfg.DATASETS.TRAIN
     apply_sizes_from_data(cfg, size_source, args.opts)
+    if not args.eval_only:
+        apply_epochs(cfg, cfg.DATASETS.TRAIN, args.opts)
     _check_weights_exist(cfg, args.resume)
     resolve_device(cfg)
     check_precision_config(cfg)

@@ -58,8 +58,8 @@ def test_suggestion_keeps_the_native_size_and_splits_levels_by_quantile_within_4
     s = suggest_sizes(size_stats(_data(sides)), [8, 16, 32])
     assert s is not None
     assert s.min_size_test == 304 and s.max_size_test == 416
-    assert s.min_size_train == (224, 272, 304, 336, 384)  # 0.75 ... 1.25 x 304, in 16 px steps
-    assert s.max_size_train == 512  # 384 * 4 / 3
+    assert s.min_size_train == (304,)  # single scale, the test size
+    assert s.max_size_train == 416
     distances = np.asarray(sides) * 304 / 300 / 2
     q1, q2 = np.quantile(distances, 1 / 3), np.quantile(distances, 2 / 3)
     assert 32 <= q1 <= 64 and 64 <= q2 <= 128  # inside the clamps, so the quantiles themselves
@@ -143,7 +143,7 @@ def test_sizes_from_data_set_the_config_and_command_line_values_win(
     )
     # 96 px images; half longer sides 20 and 45 px: the P3/P4 split is clamped to 4 x 8 = 32 px,
     # the P4/P5 split (median, 32.5) to 4 x 16 = 64 px.
-    assert cfg.INPUT.MIN_SIZE_TEST == 96 and cfg.INPUT.MIN_SIZE_TRAIN == (80, 96, 112, 128)
+    assert cfg.INPUT.MIN_SIZE_TEST == 96 and cfg.INPUT.MIN_SIZE_TRAIN == (96,)
     assert cfg.INPUT.MAX_SIZE_TEST == 500  # given on the command line
     assert cfg.MODEL.FCOS.OBJECT_SIZES_OF_INTEREST == [[-1.0, 32.0], [32.0, 64.0], [64.0, math.inf]]
     assert cfg.INPUT.SIZES_FROM_DATA is False  # resolved: config.yaml reproduces the values

@@ -8,7 +8,8 @@ background. :func:`suggest_sizes` derives both from the data:
 
 * test size: the training images' median shorter side (rounded to 16 px, at most
   ``MAX_TEST_SHORT``), i.e. the native resolution; the longer-side cap follows the widest image.
-  Training samples the shorter side from 0.75x to 1.25x of it (multi-scale).
+  Training uses the same size (single scale: on README's different-scene measurement, multi-scale
+  training with crops reached a lower AP in the same schedule).
 * level ranges: an object's largest regression distance at its centre is half its longer side (at
   the test size). Level ``i`` (stride ``s``) and the next are split at the ``i/n`` quantile of those
   distances, so the levels share the objects, clamped to ``[4 s, 8 s]``: the FCOS paper's ranges use
@@ -29,7 +30,7 @@ from .common import format_table
 MAX_TEST_SHORT = 800
 MIN_TEST_SHORT = 64
 SIZE_STEP = 16
-TRAIN_SCALES = (0.75, 0.875, 1.0, 1.125, 1.25)
+TRAIN_SCALES = (1.0,)
 PERCENTILES = (5, 25, 50, 75, 95)
 
 

@@ -26,6 +26,8 @@ from detectron2.config import get_cfg
 from fcos.config import add_fcos_config
 from fcos.data import shapes
 
+from .augmentation import add_color_jitter_config
+
 OPTIMIZERS = ("SGD", "ADAMW")
 
 
@@ -34,7 +36,7 @@ class SetupError(ValueError):
 
 
 def add_training_config(cfg: CN) -> None:
-    """Add ``SOLVER.OPTIMIZER``/``BETAS``/``AMP.PRECISION``, ``INPUT.SIZES_FROM_DATA``, ``DATASETS.SHAPES.*``."""
+    """Add ``SOLVER.OPTIMIZER``/``BETAS``/``AMP.PRECISION``/``EPOCHS``, ``INPUT.SIZES_FROM_DATA``, ``DATASETS.SHAPES.*``."""
     cfg.SOLVER.OPTIMIZER = "SGD"
     # AdamW's (beta1, beta2); SGD uses SOLVER.MOMENTUM instead.
     cfg.SOLVER.BETAS = (0.9, 0.999)
@@ -42,6 +44,10 @@ def add_training_config(cfg: CN) -> None:
     # from the run's datasets (fcos.data.sizes) when train_net.py starts; the run's config.yaml
     # holds the values.
     cfg.INPUT.SIZES_FROM_DATA = False
+    # > 0: SOLVER.MAX_ITER = ceil(EPOCHS * training images / IMS_PER_BATCH), and STEPS, WARMUP_ITERS,
+    # TEST.EVAL_PERIOD, SOLVER.CHECKPOINT_PERIOD scaled with it (fcos.engine.schedule).
+    cfg.SOLVER.EPOCHS = 0
+    add_color_jitter_config(cfg)
     # Training autocast dtype with detectron2's SOLVER.AMP.ENABLED: "auto" (float16 + GradScaler
     # on CUDA, bfloat16 on a CPU with native bf16, else fp32) | "float16" | "bfloat16"
     # (fcos.precision).

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fcos import FCOSCheckpointer, FCOSWithTTA
 from fcos.precision import Precision, resolve_precision
 
+from .augmentation import build_train_mapper
 from .config import OPTIMIZERS
 from .datasets import drop_degenerate_boxes
 from .evaluation import build_coco_evaluator
@@ -202,14 +203,15 @@ class FCOSTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode) -> Iterable[List[dict]]:
-        """detectron2's loader over the training sets, minus boxes with no area inside their image."""
+        """detectron2's loader over the training sets, minus boxes with no area inside their image,
+        with the colour jitter of ``INPUT.COLOR_JITTER``."""
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
             proposal_files=None,
         )
         dataset = drop_degenerate_boxes(dataset, cfg.DATASETS.TRAIN, cfg.DATASETS.STRICT_BOXES)
-        return build_detection_train_loader(cfg, dataset=dataset)
+        return build_detection_train_loader(cfg, dataset=dataset, mapper=build_train_mapper(cfg))
 
     @classmethod
     def build_evaluator(
