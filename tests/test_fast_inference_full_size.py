@@ -89,12 +89,18 @@ def _detect(fast: bool, state: Dict[str, torch.Tensor], image: torch.Tensor, det
         return model([{"image": image}])[0]["instances"]
 
 
-def _matched_differences(a, b) -> Tuple[float, float]:
-    """Largest box and score difference over a one-to-one matching (same class, nearest box)."""
-    assert len(a) == len(b), (len(a), len(b))
+def _matched_differences(a, b, above: float) -> Tuple[float, float, int]:
+    """Largest box and score difference over a one-to-one matching (same class, nearest box) of
+    ``a``'s detections scoring above ``above``, and how many were matched.
+
+    Near the top-k cut, scores within the score bound of the last kept one can swap in or out of
+    the list on another CPU's rounding, so only detections clearly inside the cut must have a twin.
+    """
     free = list(range(len(b)))
-    box_diff, score_diff = 0.0, 0.0
+    box_diff, score_diff, matched = 0.0, 0.0, 0
     for i in range(len(a)):
+        if float(a.scores[i]) <= above:
+            continue
         same_class = [j for j in free if b.pred_classes[j] == a.pred_classes[i]]
         box = a.pred_boxes.tensor[i]
         diffs = [float((box - b.pred_boxes.tensor[j]).abs().max()) for j in same_class]
@@ -102,7 +108,8 @@ def _matched_differences(a, b) -> Tuple[float, float]:
         free.remove(j)
         box_diff = max(box_diff, min(diffs))
         score_diff = max(score_diff, float((a.scores[i] - b.scores[j]).abs()))
-    return box_diff, score_diff
+        matched += 1
+    return box_diff, score_diff, matched
 
 
 @pytest.mark.slow
@@ -116,7 +123,12 @@ def test_fast_path_stays_within_the_stated_bound_at_full_size() -> None:
     fast = _detect(True, state, image, 1000)
     assert len(exact) == 1000  # the cap applies: many candidates, NMS and top-k all at work
     for count in (100, 1000):
-        box_diff, score_diff = _matched_differences(fast[:count], exact[:count])
-        print(f"fast vs exact, top {count}: max box {box_diff:.3g} px, max score {score_diff:.3g}")
+        cut = float(exact.scores[count - 1]) + SCORE_BOUND
+        box_diff, score_diff, matched = _matched_differences(fast[:count], exact[:count], cut)
+        print(
+            f"fast vs exact, top {count}: {matched} clearly inside the cut, "
+            f"max box {box_diff:.3g} px, max score {score_diff:.3g}"
+        )
+        assert matched >= 0.9 * count
         assert 0 < box_diff <= BOX_BOUND_PX
         assert score_diff <= SCORE_BOUND
