@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, List, Sequence
+from typing import List, Sequence
 
 import pytest
 import yaml
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from train_helpers import REPO, simple_categories, write_coco
 
 import train_net
@@ -24,16 +23,6 @@ SOLVER:
 TEST:
   EVAL_PERIOD: 3
 """
-
-
-@pytest.fixture
-def catalog() -> Iterator[List[str]]:
-    names: List[str] = []
-    yield names
-    for name in names:
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
 
 
 def _setup(tmp_path: Path, catalog: List[str], num_boxed: int, num_empty: int, opts: Sequence[str]):

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterator, List
+from typing import List
 
 import numpy as np
 import pytest
 import yaml
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from train_helpers import REPO, simple_categories, write_coco
 
 import train_net
@@ -102,16 +101,6 @@ def test_checker_prints_percentiles_and_the_suggestion(tmp_path: Path, capsys) -
         )
         == 2
     )
-
-
-@pytest.fixture
-def catalog() -> Iterator[List[str]]:
-    names: List[str] = []
-    yield names
-    for name in names:
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
 
 
 def test_sizes_from_data_set_the_config_and_command_line_values_win(

@@ -11,7 +11,7 @@ import logging
 import sys
 import types
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 import torch
@@ -37,17 +37,6 @@ from fcos.engine.curves import archive_previous_metrics, plot_training_curves, r
 from fcos.engine.datasets import drop_degenerate_boxes, use_custom_datasets
 from fcos.engine.hooks import FiniteLossTrainer, NonFiniteLossError
 from fcos.engine.trainer import FCOSTrainer, build_optimizer, unused_backbone_levels
-
-
-@pytest.fixture
-def catalog() -> Iterator[List[str]]:
-    """Dataset names a test registers; removed afterwards so tests do not see each other's datasets."""
-    names: List[str] = []
-    yield names
-    for name in names:
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
 
 
 def _setup(argv: List[str], world_size: int = 1):
